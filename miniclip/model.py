@@ -1,0 +1,160 @@
+"""MiniClip: an image encoder, a text encoder and a learnable temperature, built from a `ClipConfig`.
+
+The towers are open_clip's own modules (ViT, ModifiedResNet, causal text transformer) and transformers' BertModel
+(Chinese-CLIP); this file only wires them together. Parameter names keep the tutorial's layout:
+`image_encoder.visual.*`, `text_encoder.*`, `logit_scale.logit_scale`. Loading published checkpoints lives in
+checkpoints.py, losses in loss.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.transformer import lock_text_tower
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.utils import ModelOutput
+
+from .config import ClipConfig, load_model_config
+
+
+@dataclass
+class ClipOutput(ModelOutput):
+    """What `MiniClip.forward` returns. Embeddings are L2-normalised; `logit_scale` is the multiplier exp(t)."""
+    image_embeds: torch.Tensor | None = None  # (B, D)
+    text_embeds: torch.Tensor | None = None  # (B, D)
+    logit_scale: torch.Tensor | None = None  # () scalar, exp of the learnt log-temperature
+    logit_bias: torch.Tensor | None = None  # () scalar, only with a sigmoid loss
+
+
+class LogitScale(nn.Module):
+    """Holds the log of CLIP's inverse temperature (CLIP paper, sec. 2.5); `forward()` returns the multiplier."""
+
+    def __init__(self, init_value: float):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_value)))
+
+    def forward(self) -> torch.Tensor:
+        return self.logit_scale.exp()
+
+
+class LogitBias(nn.Module):
+    """The learnt bias of the sigmoid loss (SigLIP, Zhai et al. 2023)."""
+
+    def __init__(self, init_value: float):
+        super().__init__()
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_value)))
+
+    def forward(self) -> torch.Tensor:
+        return self.logit_bias
+
+
+class ImageEncoder(nn.Module):
+    """open_clip's VisionTransformer or ModifiedResNet under `.visual`, the key prefix of every CLIP checkpoint."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        cfg = config.open_clip_cfg()["vision_cfg"]
+        self.visual = _build_vision_tower(config.embed_dim, cfg, quick_gelu=config.quick_gelu)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
+        return self.visual(pixel_values)
+
+
+def build_text_transformer(config: ClipConfig) -> nn.Module:
+    """open_clip's causal TextTransformer: token + position embeddings, pre-LN blocks, EOT (argmax id) pooling."""
+    cfg = config.open_clip_cfg()["text_cfg"]
+    return _build_text_tower(config.embed_dim, cfg, quick_gelu=config.quick_gelu)
+
+
+class BertTextEncoder(nn.Module):
+    """Chinese-CLIP's text tower: a BERT encoder; the text feature is the [CLS] state @ text_projection."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        t = config.text_cfg
+        bert_config = BertConfig(
+            vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+            intermediate_size=t.intermediate_size, hidden_act=t.hidden_act, layer_norm_eps=t.layer_norm_eps,
+            max_position_embeddings=t.max_position_embeddings, type_vocab_size=t.type_vocab_size, pad_token_id=0)
+        self.bert = BertModel(bert_config, add_pooling_layer=False)  # Chinese-CLIP never uses the pooler
+        self.text_projection = nn.Parameter(torch.randn(t.width, config.embed_dim) * t.width ** -0.5)
+        self.context_length = t.context_length
+        self.pad_id = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.pad_id).long()  # (B, L)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, W)
+        return hidden[:, 0] @ self.text_projection  # (B, D)
+
+    def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True):
+        for p in self.parameters():
+            p.requires_grad = False
+        if unlocked_layers:
+            for layer in self.bert.encoder.layer[-unlocked_layers:]:
+                layer.requires_grad_(True)
+            self.text_projection.requires_grad = True
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        if enable:
+            self.bert.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.bert.gradient_checkpointing_disable()
+
+
+class MiniClip(nn.Module):
+    def __init__(self, config: ClipConfig | str | dict):
+        super().__init__()
+        self.config = config = load_model_config(config)
+        self.image_encoder = ImageEncoder(config)
+        if config.text_cfg.tower == "bert":
+            self.text_encoder = BertTextEncoder(config)
+        else:
+            self.text_encoder = build_text_transformer(config)
+        self.logit_scale = LogitScale(config.init_logit_scale)
+        self.logit_bias = LogitBias(config.init_logit_bias) if config.init_logit_bias is not None else None
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        image_embeds = self.image_encoder(pixel_values)  # (B, D)
+        return F.normalize(image_embeds, dim=-1) if normalize else image_embeds
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = False) -> torch.Tensor:
+        if isinstance(self.text_encoder, BertTextEncoder):
+            text_embeds = self.text_encoder(input_ids, attention_mask)
+        else:  # causal tower: padding sits after the EOT token it pools at, so no mask is needed
+            text_embeds = self.text_encoder(input_ids)
+        return F.normalize(text_embeds, dim=-1) if normalize else text_embeds  # (B, D)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **unused) -> ClipOutput:
+        return ClipOutput(
+            image_embeds=self.encode_image(pixel_values, normalize=True) if pixel_values is not None else None,
+            text_embeds=self.encode_text(input_ids, attention_mask, normalize=True) if input_ids is not None else None,
+            logit_scale=self.logit_scale(),
+            logit_bias=self.logit_bias() if self.logit_bias is not None else None,
+        )
+
+    # --- locking (LiT, Zhai et al. 2022) and memory ---------------------------------------------------------------
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True):
+        self.image_encoder.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def unlock_image_tower(self):
+        self.image_encoder.requires_grad_(True)
+
+    def lock_text_tower(self, unlocked_layers: int = 0):
+        if isinstance(self.text_encoder, BertTextEncoder):
+            self.text_encoder.lock(unlocked_layers)
+        else:
+            lock_text_tower(self.text_encoder, unlocked_layers)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Called by the HF Trainer when `--gradient_checkpointing` is set."""
+        self.image_encoder.visual.set_grad_checkpointing(True)
+        self.text_encoder.set_grad_checkpointing(True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,44 @@
+"""Image transforms per family: open_clip / OpenAI / TinyCLIP resize the shorter side and center-crop,
+Chinese-CLIP squashes to a square; training adds a mild random resized crop (scale 0.9-1, as open_clip).
+
+Leaves out on purpose: RandAugment / AutoAugment and other heavy augmentation; CLIP finetunes rarely need them.
+"""
+from __future__ import annotations
+
+from PIL import Image
+from torchvision import transforms as T
+
+from .config import ClipConfig
+
+BICUBIC = T.InterpolationMode.BICUBIC
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, P, RGBA, LA, CMYK, I;16, I, F...) -> RGB. Transparent pixels become white, not black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: rescale to 8 bits instead of letting PIL clip everything above 255 to white.
+        lo, hi = image.getextrema()
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_transform(config: ClipConfig, train: bool = False, image_size: int | None = None) -> T.Compose:
+    """PIL image -> normalised float tensor (3, S, S)."""
+    size = image_size or config.vision_cfg.image_size
+    pre = config.preprocess_cfg
+    if train:
+        geometry = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=BICUBIC)]
+    elif pre.resize_mode == "squash":
+        geometry = [T.Resize((size, size), interpolation=BICUBIC)]
+    else:
+        geometry = [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size)]
+    return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
