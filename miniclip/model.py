@@ -125,9 +125,23 @@ class MiniClip(nn.Module):
                     normalize: bool = False) -> torch.Tensor:
         if isinstance(self.text_encoder, BertTextEncoder):
             text_embeds = self.text_encoder(input_ids, attention_mask)
-        else:  # causal tower: padding sits after the EOT token it pools at, so no mask is needed
-            text_embeds = self.text_encoder(input_ids)
+        else:
+            text_embeds = self._encode_causal_text(input_ids)
         return F.normalize(text_embeds, dim=-1) if normalize else text_embeds  # (B, D)
+
+    def _encode_causal_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's text tower, run over however many positions `input_ids` has (<= context_length).
+
+        Causal attention lets a token see only earlier ones, and the feature is read at the EOT token (the highest
+        id), so padding columns after the batch's last EOT change nothing: callers may trim them (data.py does),
+        which saves most of the text compute for short captions. No padding mask is needed for the same reason.
+        """
+        tower, length = self.text_encoder, input_ids.shape[1]
+        x = tower.token_embedding(input_ids) + tower.positional_embedding[:length]  # (B, L, W)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = tower.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]  # (B, W) at EOT
+        return x @ tower.text_projection  # (B, D)
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **unused) -> ClipOutput:

@@ -109,3 +109,14 @@ def test_parameter_names_follow_tutorial_layout():
     bert_names = set(MiniClip("tiny-chinese-vit").state_dict())
     assert "text_encoder.bert.embeddings.word_embeddings.weight" in bert_names
     assert not any("pooler" in n or "position_ids" in n for n in bert_names)
+
+
+def test_trimmed_padding_gives_same_text_embeds():
+    config = load_model_config("tiny-vit")
+    model = MiniClip(config).eval()
+    _, input_ids = _inputs(config, batch=4)
+    last = int(input_ids.ne(0).sum(1).max())
+    with torch.no_grad():
+        full = model.encode_text(input_ids)
+        trimmed = model.encode_text(input_ids[:, :last])
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)
