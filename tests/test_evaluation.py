@@ -1,0 +1,123 @@
+"""evaluation.py against the model run by hand and metrics on hand-made embeddings; real image files, a real model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miniclip import MiniClip, get_tokenizer, image_transform
+from miniclip.captions import CaptionFileError, read_caption_file
+from miniclip.evaluation import (UnreadableImageError, encode_images, encode_texts, evaluate_retrieval,
+                                 flatten_captions, open_image)
+from miniclip.metrics import retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = MiniClip("tiny-vit")
+    return model, get_tokenizer(model.config), image_transform(model.config)
+
+
+def make_images(folder, n, size=(80, 60), fmt="PNG"):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"im{i}.{fmt.lower()}"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, fmt)
+        paths.append(path)
+    return paths
+
+
+def test_encode_images_matches_model(tiny, tmp_path):
+    model, _, transform = tiny
+    paths = make_images(tmp_path, 5)
+    model.train()
+    got = encode_images(model, paths, transform, batch_size=2, progress=False)
+    assert model.training, "encode_images must restore the model's mode"
+    model.eval()
+    with torch.no_grad():
+        pixel_values = torch.stack([transform(Image.open(p)) for p in paths])
+        expected = model.encode_image(pixel_values, normalize=True)
+    assert got.shape == (5, model.config.embed_dim)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # PIL images are accepted as they are
+    pil = encode_images(model, [Image.open(p) for p in paths], transform, progress=False)
+    torch.testing.assert_close(pil, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_texts_matches_model_untrimmed(tiny):
+    model, tokenizer, _ = tiny
+    texts = ["a dog", "two brown dogs wrestle in the snow .", "x", "a photo of a very long " + "word " * 100]
+    got = encode_texts(model, texts, tokenizer, batch_size=3, progress=False)
+    model.eval()
+    with torch.no_grad():
+        expected = model.encode_text(tokenizer(texts)["input_ids"], normalize=True)  # full 77 columns
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_texts_bert_matches_model():
+    torch.manual_seed(0)
+    model = MiniClip("tiny-chinese-vit").eval()
+    tokenizer = get_tokenizer(model.config)
+    texts = ["一只狗", "两只棕色的狗在雪地里玩耍", "猫"]
+    got = encode_texts(model, texts, tokenizer, batch_size=2, progress=False)
+    with torch.no_grad():
+        tokens = tokenizer(texts)
+        expected = model.encode_text(tokens["input_ids"], tokens["attention_mask"], normalize=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32(tiny):
+    model, tokenizer, _ = tiny
+    texts = ["a dog", "a cat on a mat"]
+    fp32 = encode_texts(model, texts, tokenizer, progress=False)
+    bf16 = encode_texts(model, texts, tokenizer, dtype=torch.bfloat16, progress=False)
+    assert bf16.dtype == torch.float32
+    assert (fp32 - bf16).abs().max() < 0.05
+    assert not torch.equal(fp32, bf16)  # autocast really ran in bf16
+
+
+def test_jpeg_draft_decode_close_to_full(tmp_path):
+    (path,) = make_images(tmp_path, 1, size=(640, 480), fmt="JPEG")
+    small = open_image(path, min_size=64)
+    assert min(small.size) >= 64 and small.size[0] < 640  # decoded at 1/4 or 1/8 scale
+    full = Image.open(path).convert("RGB")
+    assert open_image(path).size == full.size
+
+
+def test_evaluate_retrieval_equals_metrics_on_encodings(tiny, tmp_path):
+    model, tokenizer, transform = tiny
+    paths = make_images(tmp_path / "images", 4)
+    entries = [{"image": f"images/{p.name}", "caption": [f"caption {i}", f"another {i}"][: 1 + i % 2]}
+               for i, p in enumerate(paths)]
+    (tmp_path / "val.json").write_text(json.dumps(entries))
+    records = read_caption_file(tmp_path / "val.json")
+    texts, text_to_image = flatten_captions(records)
+    assert text_to_image.tolist() == [0, 1, 1, 2, 3, 3]
+    got = evaluate_retrieval(model, records, tokenizer, transform, batch_size=3, progress=False)
+    expected = retrieval_metrics(encode_images(model, paths, transform, progress=False),
+                                 encode_texts(model, texts, tokenizer, progress=False), text_to_image)
+    assert got == pytest.approx(expected)
+    assert set(got) == {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10",
+                        "t2i_median_rank", "i2t_median_rank", "mean_recall"}
+
+
+def test_unreadable_image_names_file(tiny, tmp_path):
+    model, _, transform = tiny
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        encode_images(model, [bad], transform, progress=False)
+
+
+def test_caption_file_without_captions_errors(tmp_path):
+    make_images(tmp_path / "images", 1)
+    (tmp_path / "val.json").write_text(json.dumps([{"image": "images/im0.png", "caption": []}]))
+    with pytest.raises(CaptionFileError, match="entry 0.*captions must be a non-empty list"):
+        read_caption_file(tmp_path / "val.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(CaptionFileError, match="no usable samples"):
+        read_caption_file(tmp_path / "empty.json")
