@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,62 @@ def test_every_config_file_is_canonical_json():
 def test_every_config_builds(name):
     model = MiniClip(name)
     assert model.num_parameters() > 0
+
+
+# --- published values -------------------------------------------------------------------------------------------
+# TinyCLIP's published open_clip-style configs (microsoft/Cream, TinyCLIP/src/open_clip/model_configs/*.json):
+# (embed_dim, vision image_size, layers, width, patch_size, text width, heads, layers); all use GELU.
+TINYCLIP_PUBLISHED = {
+    "TinyCLIP-ViT-39M-16-Text-19M": (512, 224, 12, 512, 16, 512, 8, 6),
+    "TinyCLIP-ViT-8M-16-Text-3M": (512, 224, 10, 256, 16, 256, 4, 3),
+    "TinyCLIP-ViT-40M-32-Text-19M": (512, 224, 12, 512, 32, 512, 8, 6),
+    "TinyCLIP-ViT-61M-32-Text-29M": (512, 224, 12, 640, 32, 512, 8, 9),
+    "TinyCLIP-ResNet-19M-Text-19M": (1024, 224, [3, 4, 6, 3], 44, None, 512, 8, 6),
+    "TinyCLIP-ResNet-30M-Text-29M": (1024, 224, [3, 4, 6, 3], 56, None, 512, 8, 9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINYCLIP_PUBLISHED))
+def test_tinyclip_configs_equal_published(name):
+    c = load_model_config(name)
+    v, t = c.vision_cfg, c.text_cfg
+    ours = (c.embed_dim, v.image_size, v.layers, v.width, v.patch_size if not v.is_resnet else None,
+            t.width, t.heads, t.layers)
+    assert ours == TINYCLIP_PUBLISHED[name]
+    assert c.quick_gelu is False and t.context_length == 77 and t.vocab_size == 49408
+
+
+@pytest.mark.parametrize("name, reference", [("OpenAI-RN50", "RN50-quickgelu"), ("OpenAI-ViT-B-32", "ViT-B-32-quickgelu"),
+                                             ("OpenAI-ViT-B-16", "ViT-B-16-quickgelu")])
+def test_openai_configs_equal_open_clip_shipped(name, reference):
+    """Against the JSON files the installed open_clip_torch ships (its OpenAI-pretrained model definitions)."""
+    import open_clip
+    ref = open_clip.get_model_config(reference)
+    ours = load_model_config(name).open_clip_cfg()
+    assert ours["embed_dim"] == ref["embed_dim"] and ours["quick_gelu"] is True is ref["quick_gelu"]
+    for tower in ("vision_cfg", "text_cfg"):
+        for key, value in ref[tower].items():
+            assert ours[tower][key] == value or (key == "patch_size" and value is None), (tower, key)
+
+
+@pytest.mark.parametrize("name, vision_json, text_json", [
+    ("ChineseCLIP-ViT-B-16", "ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+    ("ChineseCLIP-RN50", "RN50", "RBT3-chinese")])
+def test_chinese_clip_configs_equal_cn_clip_shipped(name, vision_json, text_json):
+    """Against the JSON files inside the installed cn_clip wheel (cn_clip/clip/model_configs/)."""
+    import cn_clip.clip
+    folder = Path(cn_clip.clip.__file__).parent / "model_configs"
+    vision = json.loads((folder / f"{vision_json}.json").read_text())
+    text = json.loads((folder / f"{text_json}.json").read_text())
+    c = load_model_config(name)
+    v, t = c.vision_cfg, c.text_cfg
+    layers = json.loads(vision["vision_layers"]) if isinstance(vision["vision_layers"], str) else vision["vision_layers"]
+    assert (c.embed_dim, v.image_size, v.layers, v.width) == (vision["embed_dim"], vision["image_resolution"], layers,
+                                                              vision["vision_width"])
+    assert v.is_resnet or v.patch_size == vision["vision_patch_size"]
+    assert (t.tower, t.vocab_size, t.width, t.layers, t.heads, t.intermediate_size, t.max_position_embeddings,
+            t.type_vocab_size, t.hidden_act) == ("bert", text["vocab_size"], text["text_hidden_size"],
+                                                 text["text_num_hidden_layers"], text["text_num_attention_heads"],
+                                                 text["text_intermediate_size"], text["text_max_position_embeddings"],
+                                                 text["text_type_vocab_size"], text["text_hidden_act"])
+    assert t.context_length == 52 and c.quick_gelu is True and c.preprocess_cfg.resize_mode == "squash"
