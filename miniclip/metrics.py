@@ -3,7 +3,8 @@
 
 Ranks: a query's rank is the number of candidates that score strictly higher than its target, plus the number that
 tie with it and come earlier in the gallery (the order a stable descending sort gives). Ties are thus resolved
-deterministically and never in the query's favour twice. Leaves out on purpose: mAP and other ranking metrics.
+deterministically and never in the query's favour twice. Zero-shot classification ranks classes the same way
+(earlier class index first). Leaves out on purpose: mAP and other ranking metrics.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def image_to_text_ranks(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
 
 
 def recall_at(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[int, float]:
-    return {k: (ranks < k).float().mean().item() * 100 for k in ks}
+    return {k: (ranks < k).double().mean().item() * 100 for k in ks}  # float64: 52.0, not 51.99999
 
 
 @torch.no_grad()
@@ -80,3 +81,67 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
     recalls = [v for k, v in metrics.items() if "_R@" in k]
     metrics["mean_recall"] = sum(recalls) / len(recalls)
     return metrics
+
+
+def first_caption_indices(text_to_image: torch.Tensor) -> torch.Tensor:
+    """The index of each image's first caption (N_img,), for the tutorial's one-caption-per-image protocol."""
+    text_to_image = torch.as_tensor(text_to_image).long()
+    n_images = int(text_to_image.max()) + 1
+    positions = torch.arange(len(text_to_image))
+    # scatter_reduce "amin" keeps the smallest caption position per image; images without a caption stay at len().
+    first = torch.full((n_images,), len(text_to_image), dtype=torch.long)
+    first = first.scatter_reduce(0, text_to_image, positions, reduce="amin")
+    if (first == len(text_to_image)).any():
+        missing = (first == len(text_to_image)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"images {missing} have no caption in text_to_image; every image needs at least one")
+    return first
+
+
+TUTORIAL_KS = (1, 3, 5, 10)
+
+
+@torch.no_grad()
+def first_caption_retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                            ks=TUTORIAL_KS) -> dict[str, float]:
+    """The tutorial's protocol: text i (the first caption of image i) queries the images; text->image top-k (percent).
+
+    image_embeds (N, D), text_embeds (N, D), row i of each describing the same sample. Keys `first_caption_t2i_R@k`.
+    """
+    if len(image_embeds) != len(text_embeds):
+        raise ValueError(f"one caption per image expected: {len(image_embeds)} images, {len(text_embeds)} texts")
+    target = torch.arange(len(text_embeds), device=text_embeds.device)
+    ranks = text_to_image_ranks(image_embeds.float(), text_embeds.float(), target)
+    return {f"first_caption_t2i_R@{k}": v for k, v in recall_at(ranks, ks).items()}
+
+
+@torch.no_grad()
+def zeroshot_metrics(image_embeds: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
+                     ks=(1, 5)) -> dict[str, float]:
+    """Zero-shot classification accuracy (percent): top-k for each k, and the mean over classes of top-1 per-class
+    accuracy (`zeroshot_mean_per_class`, i.e. balanced accuracy; classes absent from `labels` are left out).
+
+    image_embeds (N, D), classifier (C, D) one normalised text embedding per class, labels (N,) in [0, C).
+    A class tying with the true one counts as above it when its index is lower (see the module docstring).
+    """
+    labels = torch.as_tensor(labels, device=image_embeds.device).long()
+    n_classes = len(classifier)
+    if len(labels) != len(image_embeds):
+        raise ValueError(f"{len(labels)} labels for {len(image_embeds)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]")
+    ranks = text_to_image_ranks(classifier.float(), image_embeds.float(), labels)  # (N,) rank of the true class
+    metrics = {f"zeroshot_top{k}": v for k, v in recall_at(ranks, ks).items() if k <= n_classes}
+    hits = (ranks == 0).double()
+    per_class_hits = torch.zeros(n_classes, dtype=torch.float64, device=hits.device).index_add_(0, labels, hits)
+    per_class_count = torch.bincount(labels, minlength=n_classes).double()
+    present = per_class_count > 0
+    metrics["zeroshot_mean_per_class"] = (per_class_hits[present] / per_class_count[present]).mean().item() * 100
+    return metrics
+
+
+def per_class_accuracy(image_embeds: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy (percent) of each class (C,); NaN for classes with no image."""
+    labels = torch.as_tensor(labels).long()
+    ranks = text_to_image_ranks(classifier.float(), image_embeds.float(), labels)
+    hits = torch.zeros(len(classifier), dtype=torch.float64).index_add_(0, labels, (ranks == 0).double())
+    return hits / torch.bincount(labels, minlength=len(classifier)).double() * 100
