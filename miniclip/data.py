@@ -1,0 +1,219 @@
+"""Training data: caption records (captions.py) -> a `datasets.Dataset` decoded on the fly (`with_transform`) into
+`{"pixel_values", "caption"}` items, and `ClipCollator`, which stacks images and tokenizes captions trimmed to the
+batch's longest. Leaves out on purpose: streaming / webdataset shards and caption augmentation.
+
+Caption choice: mode "random" gives each image one caption per epoch, picked from (seed, epoch, index) alone, so a
+resumed run, any number of dataloader workers and any process see the same pairs; mode "all" makes every caption
+its own pair. The epoch lives in shared memory, so persistent workers see `set_epoch` too (see `set_epoch`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from .captions import BadSamplePolicy, CaptionRecord, read_caption_file
+from .config import ClipConfig
+from .transforms import image_transform, to_rgb
+
+logger = logging.getLogger(__name__)
+
+CaptionMode = Literal["random", "all"]
+
+
+class ImageDecodeError(ValueError):
+    """An image listed in a caption file cannot be opened or decoded. The message names the file and the entry."""
+
+
+def _check(value, literal, what: str) -> None:
+    if value not in get_args(literal):
+        raise ValueError(f"{what}={value!r} is not one of {list(get_args(literal))}")
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Open, decode and convert to RGB. With `draft_size`, a JPEG at least twice that size on both sides is decoded
+    at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL `Image.draft`), never below `draft_size` on either side:
+    several times cheaper than a full decode, and the following bicubic resize gives nearly the same pixels
+    (tests/test_data.py bounds the difference)."""
+    with Image.open(path) as image:
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image = to_rgb(image)
+        image.load()  # decode now, while the file is open (to_rgb returns RGB images unchanged, still lazy)
+    return image
+
+
+def caption_choice(seed: int, epoch: int, index: int, n_captions: int) -> int:
+    """Which of an image's captions is used in this epoch: a pure function of (seed, epoch, index), so it does not
+    depend on worker processes, sampling order, or where a resumed run restarted."""
+    if n_captions == 1:
+        return 0
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]
+    return int(state % n_captions)
+
+
+class _Decode:
+    """The `with_transform` function: a batch of rows (image path, captions, index) -> pixel_values and caption."""
+
+    def __init__(self, transform: Callable, caption_mode: str, seed: int, epoch: torch.Tensor, draft_size):
+        self.transform, self.caption_mode, self.seed, self.epoch, self.draft_size = (
+            transform, caption_mode, seed, epoch, draft_size)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        pixel_values, captions = [], []
+        for image, row_captions, index, caption_index in zip(batch["image"], batch["captions"], batch["index"],
+                                                             batch["caption_index"]):
+            if self.caption_mode == "random":
+                caption_index = caption_choice(self.seed, int(self.epoch), index, len(row_captions))
+            try:
+                decoded = load_image(image, self.draft_size)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                raise ImageDecodeError(f"entry {index} (image {image}): cannot decode the image: "
+                                       f"{type(e).__name__}: {e}. Fix: replace or remove the file, or use the "
+                                       "bad-sample policy 'skip' to drop such samples.") from e
+            pixel_values.append(self.transform(decoded))  # (3, S, S)
+            captions.append(row_captions[caption_index])
+        return {"pixel_values": pixel_values, "caption": captions}
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Image-caption pairs decoded lazily. Item: {"pixel_values": (3, S, S) float, "caption": str}.
+
+    Bad images are found when first decoded. on_bad="error" raises `ImageDecodeError` naming the file and the entry;
+    on_bad="skip" logs and counts the sample and serves the next entry (index + 1, + 2, ... wrapping) whose image
+    decodes instead. Substituting rather than dropping keeps every batch full, which contrastive losses with
+    features gathered across processes need (equal batch sizes), keeps len() and the sampler's order unchanged, and
+    is deterministic, so a resumed run sees the same batches. The price: the substitute appears twice in its epoch.
+    """
+
+    def __init__(self, records: list[CaptionRecord], transform: Callable, caption_mode: CaptionMode = "random",
+                 seed: int = 0, on_bad: BadSamplePolicy = "error", draft_size: int | None = None):
+        _check(caption_mode, CaptionMode, "caption_mode")
+        _check(on_bad, BadSamplePolicy, "on_bad")
+        if not records:
+            raise ValueError("no caption records: the data set is empty")
+        self.caption_mode, self.on_bad = caption_mode, on_bad
+        rows = []
+        for index, record in enumerate(records):
+            pairs = range(len(record.captions)) if caption_mode == "all" else [-1]
+            rows += [{"image": str(record.image), "captions": list(record.captions), "index": index,
+                      "caption_index": j} for j in pairs]
+        # One int64 in shared memory: forked or spawned dataloader workers (persistent ones too) read the value the
+        # main process last wrote, so `set_epoch` reaches them without restarting them.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        decode = _Decode(transform, caption_mode, seed, self._epoch, draft_size)
+        self.table = datasets.Dataset.from_list(rows).with_transform(decode)
+        self.skipped: set[int] = set()  # this process's bad rows (each dataloader worker counts its own)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard at each `iter()` in single-process runs, and by `EpochCallback`
+        (always: with several processes, accelerate 1.15 forwards set_epoch to the sampler only)."""
+        self._epoch.fill_(int(epoch))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for offset in range(len(self.table)):
+            row = (index + offset) % len(self.table)
+            if row in self.skipped:
+                continue
+            try:
+                return self.table[row]
+            except ImageDecodeError as e:
+                if self.on_bad == "error":
+                    raise
+                self.skipped.add(row)
+                logger.warning("skipping bad sample (%d skipped so far in this process): %s", len(self.skipped),
+                               str(e).split(". Fix:")[0])
+        raise ImageDecodeError(f"every one of the {len(self.table)} samples has an image that cannot be decoded")
+
+
+def build_dataset(records: list[CaptionRecord], config: ClipConfig, train: bool = True,
+                  caption_mode: CaptionMode = "random", seed: int = 0, max_samples: int | None = None,
+                  on_bad: BadSamplePolicy = "error", image_size: int | None = None,
+                  draft: bool = True) -> ClipDataset:
+    """The dataset for a model config: its family's transform (train: random resized crop), the first
+    `max_samples` images (all their captions in mode "all"), JPEG draft decoding unless `draft=False`."""
+    if max_samples is not None:
+        if max_samples <= 0:
+            raise ValueError(f"max_samples={max_samples} must be a positive number of images (or None for all)")
+        records = records[:max_samples]
+    size = image_size or config.vision_cfg.image_size
+    transform = image_transform(config, train=train, image_size=size)
+    return ClipDataset(records, transform, caption_mode=caption_mode, seed=seed, on_bad=on_bad,
+                       draft_size=size if draft else None)
+
+
+class EpochCallback(TrainerCallback):
+    """Tells a `ClipDataset` the epoch at the start of each epoch of `transformers.Trainer.train`, resumed runs
+    included (`state.epoch` is restored from the checkpoint before the first `on_epoch_begin`)."""
+
+    def __init__(self, dataset: ClipDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch = epochs done so far as a float (1.5 = halfway through the second epoch); its floor is the
+        # epoch about to run. A tiny tolerance absorbs float error in epoch + steps / steps_per_epoch.
+        self.dataset.set_epoch(int(np.floor((state.epoch or 0.0) + 1e-9)))
+
+
+def trim_tokens(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns after the batch's longest sequence. BERT (with an attention_mask): the mask says
+    where each row ends. CLIP BPE: each row ends at its EOT, the highest token id (argmax), where the causal tower
+    pools, so the columns after the last EOT change nothing; attention_mask marks positions up to the EOT (not
+    `input_ids != 0`: id 0 is the byte token "!", which can occur inside a caption)."""
+    input_ids = tokens["input_ids"]  # (B, L)
+    if "attention_mask" in tokens:
+        attention_mask = tokens["attention_mask"]
+    else:
+        eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
+        attention_mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) <= eot).long()  # (B, L)
+    length = int(attention_mask.sum(dim=1).max())
+    return {"input_ids": input_ids[:, :length].contiguous(), "attention_mask": attention_mask[:, :length].contiguous()}
+
+
+@dataclass
+class ClipCollator:
+    """List of `ClipDataset` items -> {"pixel_values" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L)}
+    with L the longest tokenized caption in the batch (at most the tokenizer's context length)."""
+    tokenizer: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if features and "caption" not in features[0]:
+            raise KeyError(f"batch items have keys {sorted(features[0])}, no 'caption': the HF Trainer drops columns "
+                           "the model's forward does not name; set TrainingArguments(remove_unused_columns=False)")
+        pixel_values = torch.stack([f["pixel_values"] for f in features])  # (B, 3, S, S)
+        tokens = self.tokenizer([f["caption"] for f in features])
+        return {"pixel_values": pixel_values, **trim_tokens(tokens)}
+
+
+def load_records(path: str | Path, image_root: str | Path | None = None, on_bad: BadSamplePolicy = "error",
+                 max_samples: int | None = None) -> list[CaptionRecord]:
+    """Records of a caption file (validation / test sets for `evaluate_retrieval`), optionally the first
+    `max_samples` images."""
+    records = read_caption_file(path, image_root=image_root, on_bad=on_bad)
+    return records[:max_samples] if max_samples is not None else records
+
+
+def split_records(records: list[CaptionRecord], test_size: float | int, seed: int = 0
+                  ) -> tuple[list[CaptionRecord], list[CaptionRecord]]:
+    """Split by image (never one image's captions on both sides) with `datasets`' seeded shuffle split.
+    test_size: a fraction in (0, 1) or a number of images."""
+    if len(records) < 2:
+        raise ValueError(f"cannot split {len(records)} record(s) into a training and a held-out part")
+    parts = datasets.Dataset.from_dict({"index": list(range(len(records)))}).train_test_split(
+        test_size=test_size, seed=seed)
+    return ([records[i] for i in sorted(parts["train"]["index"])],
+            [records[i] for i in sorted(parts["test"]["index"])])
