@@ -77,27 +77,53 @@ def _image_size(transform) -> int | None:
     return None
 
 
-@torch.inference_mode()
 def encode_images(model, images: Sequence[str | Path | Image.Image], transform: Callable, batch_size: int = 64,
                   device=None, dtype=None, progress: bool = True) -> torch.Tensor:
     """Paths or PIL images -> L2-normalised image embeddings (N, D) float32 on the CPU.
 
-    An unreadable file raises UnreadableImageError naming it (callers that prefer skipping check files first,
-    see `readable_images`)."""
+    An unreadable file raises UnreadableImageError naming it; `encode_image_files` skips such files instead."""
+    embeds, _ = encode_image_files(model, images, transform, batch_size, device, dtype, progress)
+    return embeds
+
+
+def _load(image, min_size: int | None, transform: Callable, skip_unreadable: bool) -> torch.Tensor | None:
+    if isinstance(image, Image.Image):
+        return transform(image)
+    try:
+        return transform(open_image(image, min_size))
+    except UnreadableImageError as e:
+        if not skip_unreadable:
+            raise
+        logger.warning("skipping: %s", e)
+        return None
+
+
+@torch.inference_mode()
+def encode_image_files(model, images: Sequence[str | Path | Image.Image], transform: Callable, batch_size: int = 64,
+                       device=None, dtype=None, progress: bool = True,
+                       skip_unreadable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `encode_images`, and also returns the indices of the images encoded (N_kept,): with
+    skip_unreadable=True, files PIL cannot decode are left out (each logged, and the count at the end)."""
     device, dtype = model_device_dtype(model, device, dtype)
     min_size = _image_size(transform)
-    chunks = []
+    chunks, kept = [], []
     with _eval_mode(model):
         for start in tqdm(range(0, len(images), batch_size), desc="images", unit="batch", disable=not progress):
-            batch = images[start:start + batch_size]
-            pixel_values = torch.stack([
-                transform(im if isinstance(im, Image.Image) else open_image(im, min_size)) for im in batch])
+            loaded = [(start + i, _load(im, min_size, transform, skip_unreadable))
+                      for i, im in enumerate(images[start:start + batch_size])]
+            loaded = [(i, x) for i, x in loaded if x is not None]
+            if not loaded:
+                continue
+            kept.extend(i for i, _ in loaded)
+            pixel_values = torch.stack([x for _, x in loaded])  # (B, 3, S, S)
             with _autocast(device, dtype):
                 embeds = model.encode_image(pixel_values.to(device), normalize=False)  # (B, D)
             chunks.append(F.normalize(embeds.float(), dim=-1).cpu())
+    if len(kept) < len(images):
+        logger.warning("skipped %d unreadable image(s) of %d", len(images) - len(kept), len(images))
     if not chunks:
-        raise ValueError("encode_images got no images")
-    return torch.cat(chunks)
+        raise ValueError(f"no image could be encoded ({len(images)} given, all unreadable or none)")
+    return torch.cat(chunks), torch.tensor(kept, dtype=torch.long)
 
 
 @torch.inference_mode()

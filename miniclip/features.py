@@ -1,0 +1,108 @@
+"""A feature cache on disk: embeddings saved as safetensors next to a JSON key saying exactly what made them
+(the model's weights hash, its config, the autocast dtype, the preprocessing, and the data), so a later run reuses
+them only when all of that matches.
+
+Policy on a mismatch: a clear `FeatureCacheError` naming what differs (model / config / data ...), never a silent
+reuse; pass overwrite=True (test.py: --overwrite_features) to recompute and replace. Leaves out on purpose:
+approximate-nearest-neighbour indexes; the files are plain tensors anyone can load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+class FeatureCacheError(ValueError):
+    """A cached feature file that does not belong to this model / data, or cannot be read."""
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes): the checkpoint's identity by content,
+    so two paths to the same weights match and a retrained checkpoint at the same path does not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths: Sequence[str | Path]) -> str:
+    """sha256 over (absolute path, size, modification time) of each file, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path).resolve()
+        try:
+            stat = path.stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}|missing\n".encode())
+    return digest.hexdigest()
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+    return [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+
+
+def cached_features(cache_dir: str | Path | None, name: str, key: dict, compute: Callable[[], dict],
+                    overwrite: bool = False) -> dict[str, torch.Tensor]:
+    """`compute()` -> dict of tensors, saved as `cache_dir/name.safetensors` (+ `name.json`: the key), or loaded from
+    there when the stored key equals `key`. Without a cache_dir this just calls compute()."""
+    if cache_dir is None:
+        return compute()
+    cache_dir = Path(cache_dir)
+    tensors_path, key_path = cache_dir / f"{name}.safetensors", cache_dir / f"{name}.json"
+    key = json.loads(json.dumps({"format_version": FORMAT_VERSION, **key}))  # normalise (tuples -> lists)
+    if tensors_path.exists() and not overwrite:
+        try:
+            stored = json.loads(key_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FeatureCacheError(f"feature cache {tensors_path} has no readable key file {key_path} ({e}). "
+                                    "Delete both, or pass --overwrite_features to recompute.") from None
+        differ = _differences(stored, key)
+        if differ:
+            raise FeatureCacheError(
+                f"feature cache {tensors_path} was made with a different {', '.join(differ)} "
+                f"(stored {[str(stored.get(k))[:16] for k in differ]}, now {[str(key.get(k))[:16] for k in differ]}). "
+                "Use another --save_features directory, or pass --overwrite_features to recompute and replace it.")
+        logger.info("reusing features from %s", tensors_path)
+        try:
+            return load_file(tensors_path)
+        except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+            raise FeatureCacheError(f"cannot read feature cache {tensors_path}: {e}. Pass --overwrite_features "
+                                    "to recompute it.") from None
+    tensors = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Tensors first, key last: a key file only ever describes tensors that were completely written.
+    if key_path.exists():
+        key_path.unlink()
+    _atomic_write(tensors_path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+    _atomic_write(key_path, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, ensure_ascii=False)))
+    logger.info("saved features to %s", tensors_path)
+    return tensors

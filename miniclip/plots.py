@@ -1,0 +1,109 @@
+"""Pictures people would rather see than read, saved as PNG with matplotlib's Agg backend: the similarity heatmap
+of the single-image check, a retrieval grid (query text -> top-k images, the correct one framed), and training
+curves (loss / recall per step) the trainer can reuse.
+
+Leaves out on purpose: interactive display and embedding projections (t-SNE / UMAP).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .transforms import to_rgb  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write atomically (temp file + os.replace) so a reader never sees half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(handle)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _thumbnail(image: str | Path | Image.Image, size: int = 160) -> Image.Image:
+    image = Image.open(image) if not isinstance(image, Image.Image) else image
+    image.draft("RGB", (size, size))  # cheap reduced JPEG decode; a no-op for other formats
+    image = to_rgb(image)
+    image.thumbnail((size, size))
+    return image
+
+
+def similarity_heatmap(image: str | Path | Image.Image, texts: Sequence[str], similarities: Sequence[float],
+                       probabilities: Sequence[float], path: str | Path) -> Path:
+    """The image beside a one-column heatmap of cosine similarity per text, annotated with cos and softmax prob."""
+    fig, (ax_image, ax_map) = plt.subplots(1, 2, figsize=(8, max(2.5, 0.45 * len(texts) + 1)),
+                                           gridspec_kw={"width_ratios": [1, 1.2]})
+    ax_image.imshow(_thumbnail(image, 256))
+    ax_image.axis("off")
+    values = [[float(s)] for s in similarities]  # (T, 1)
+    ax_map.imshow(values, cmap="viridis", aspect="auto")
+    ax_map.set_yticks(range(len(texts)), [textwrap.shorten(t, 40) for t in texts])
+    ax_map.set_xticks([])
+    for row, (s, p) in enumerate(zip(similarities, probabilities)):
+        ax_map.text(0, row, f"cos {float(s):.3f}\np {float(p):.1%}", ha="center", va="center", color="white",
+                    fontsize=9)
+    ax_map.set_title("cosine similarity (softmax probability)")
+    return _save(fig, path)
+
+
+def retrieval_grid(queries: Sequence[str], top_images: Sequence[Sequence[str | Path]],
+                   correct: Sequence[Sequence[bool]], path: str | Path, thumb: int = 120) -> Path:
+    """One row per query text: its top-k images, best first, the correct ones framed in green (others grey)."""
+    rows, k = len(queries), max(len(r) for r in top_images)
+    fig, axes = plt.subplots(rows, k, figsize=(1.6 * k + 2.5, 1.7 * rows), squeeze=False)
+    for r, (query, images, hits) in enumerate(zip(queries, top_images, correct)):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            ax.imshow(_thumbnail(images[c], thumb))
+            for spine in ax.spines.values():
+                spine.set_edgecolor("limegreen" if hits[c] else "lightgrey")
+                spine.set_linewidth(5 if hits[c] else 1)
+            ax.set_title(f"#{c + 1}" + (" ✓" if hits[c] else ""), fontsize=8)
+        axes[r][0].set_ylabel("\n".join(textwrap.wrap(query, 28)[:4]), rotation=0, ha="right", va="center",
+                              fontsize=8)
+    fig.suptitle("text -> image retrieval (correct image framed)")
+    return _save(fig, path)
+
+
+def plot_curves(history: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None,
+                x_key: str = "step") -> Path:
+    """Curves from a log history (e.g. `trainer.state.log_history`: a list of dicts with "step" and values): one
+    panel per key; by default `loss`, `eval_loss` and every recall / `mean_recall` key present."""
+    if keys is None:
+        present = {k for entry in history for k in entry}
+        keys = [k for k in ("loss", "eval_loss") if k in present]
+        keys += sorted(k for k in present if "_R@" in k or k.endswith("mean_recall"))
+    keys = [k for k in keys if any(k in entry for entry in history)]
+    if not keys:
+        raise ValueError(f"no curve to plot: none of the keys is in the history (keys there: "
+                         f"{sorted({k for entry in history for k in entry})[:20]})")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(entry.get(x_key, i), entry[key]) for i, entry in enumerate(history) if key in entry]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel(x_key)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
