@@ -34,7 +34,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -66,6 +66,12 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def _short(value) -> str:
+    if isinstance(value, dict):  # a model config: its name says most
+        return repr(value.get("name", "{...}"))
+    return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 16 else repr(value)
+
+
 def _differences(stored: dict, wanted: dict) -> list[str]:
     return [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
 
@@ -87,9 +93,9 @@ def cached_features(cache_dir: str | Path | None, name: str, key: dict, compute:
                                     "Delete both, or pass --overwrite_features to recompute.") from None
         differ = _differences(stored, key)
         if differ:
+            detail = "; ".join(f"{k}: stored {_short(stored.get(k))}, now {_short(key.get(k))}" for k in differ)
             raise FeatureCacheError(
-                f"feature cache {tensors_path} was made with a different {', '.join(differ)} "
-                f"(stored {[str(stored.get(k))[:16] for k in differ]}, now {[str(key.get(k))[:16] for k in differ]}). "
+                f"feature cache {tensors_path} was made with a different {' and '.join(differ)} ({detail}). "
                 "Use another --save_features directory, or pass --overwrite_features to recompute and replace it.")
         logger.info("reusing features from %s", tensors_path)
         try:
