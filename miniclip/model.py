@@ -18,6 +18,7 @@ from transformers import BertConfig, BertModel
 from transformers.utils import ModelOutput
 
 from .config import ClipConfig, load_model_config
+from .fast import use_fast_attention
 
 
 @dataclass
@@ -116,6 +117,8 @@ class MiniClip(nn.Module):
             self.text_encoder = build_text_transformer(config)
         self.logit_scale = LogitScale(config.init_logit_scale)
         self.logit_bias = LogitBias(config.init_logit_bias) if config.init_logit_bias is not None else None
+        # Same weights and math as open_clip's blocks, attention computed batch-first (fast.py; tests/test_fast.py).
+        use_fast_attention(self)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         image_embeds = self.image_encoder(pixel_values)  # (B, D)
@@ -172,3 +175,15 @@ class MiniClip(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- checkpoints (checkpoints.py does the work; imported lazily: it imports this module) -------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path, config=None, format: str = "auto", **kwargs) -> "MiniClip":
+        """A checkpoint file / folder / known name in any supported layout; see `checkpoints.load_pretrained`."""
+        from .checkpoints import load_pretrained
+        return load_pretrained(name_or_path, config=config, format=format, **kwargs)
+
+    def save_pretrained(self, output_dir, format: str = "miniclip", tokenizer=None):
+        """Write this model as a miniclip / Hugging Face ("hf") / open_clip folder; see `checkpoints.save_pretrained`."""
+        from .checkpoints import save_pretrained
+        return save_pretrained(self, output_dir, format=format, tokenizer=tokenizer)
