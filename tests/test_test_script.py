@@ -1,0 +1,182 @@
+"""test.py (the evaluation script) end to end: its entry point on a tiny random model, real files made here,
+numbers checked against the library functions and the model run by hand."""
+import importlib.util
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from miniclip import MiniClip, get_tokenizer, image_transform
+from miniclip.captions import CaptionFileError, read_caption_file
+from miniclip.evaluation import encode_images, evaluate_retrieval, flatten_captions
+from miniclip.features import FeatureCacheError
+from miniclip.metrics import first_caption_indices, first_caption_retrieval
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("miniclip_test_script", REPO / "test.py")
+script = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = script  # dataclasses look their module up there
+spec.loader.exec_module(script)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)  # test.py seeds the same way for --model_config
+    model = MiniClip("tiny-vit").eval()
+    return model, get_tokenizer(model.config), image_transform(model.config)
+
+
+def save_random_image(path, seed, size=(72, 56)):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def caption_set(tmp_path):
+    entries = []
+    for i in range(7):
+        save_random_image(tmp_path / "data" / "images" / f"{i}.png", i)
+        entries.append({"image": f"images/{i}.png", "caption": [f"picture number {i}", f"a photo of thing {i}"][: 1 + i % 2]})
+    (tmp_path / "data" / "val.json").write_text(json.dumps(entries))
+    return tmp_path / "data" / "val.json"
+
+
+def run(tmp_path, *args):
+    return script.main(["--model_config", "tiny-vit", "--output_dir", str(tmp_path / "out"), "--no_progress",
+                        *map(str, args)])
+
+
+def assert_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 50
+
+
+def test_eval_file_prints_both_directions_and_tutorial_protocol(tmp_path, caption_set, capsys):
+    results = run(tmp_path, "--eval_file", caption_set, "--grid_queries", 3, "--grid_k", 4)
+    out = capsys.readouterr().out
+    model, tokenizer, transform = tiny_model()
+    records = read_caption_file(caption_set)
+    expected = evaluate_retrieval(model, records, tokenizer, transform, progress=False)
+    assert {k: results["retrieval"][k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    assert "7 images, 10 captions" in out
+    for direction, key in (("text->image", "t2i"), ("image->text", "i2t")):
+        row = re.search(rf"^{direction}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", out, re.M)
+        assert row, out
+        assert [float(x) for x in row.groups()[:3]] == pytest.approx(
+            [round(expected[f"{key}_R@{k}"], 2) for k in (1, 5, 10)], abs=0.006)
+        assert float(row.group(4)) == expected[f"{key}_median_rank"]
+    # The tutorial's protocol: the first caption of each image as the query.
+    texts, text_to_image = flatten_captions(records)
+    first = first_caption_indices(text_to_image)
+    image_embeds = encode_images(model, [r.image for r in records], transform, progress=False)
+    from miniclip.evaluation import encode_texts
+    protocol = first_caption_retrieval(image_embeds, encode_texts(model, [texts[i] for i in first], tokenizer,
+                                                                  progress=False))
+    assert {k: results["retrieval"][k] for k in protocol} == pytest.approx(protocol, abs=1e-6)
+    assert "Tutorial protocol (first caption per image, text->image): top-1" in out
+    assert_png(tmp_path / "out" / "retrieval_grid.png")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["retrieval"]["mean_recall"] == \
+        pytest.approx(expected["mean_recall"])
+
+
+def test_single_image_similarities_best_first(tmp_path, capsys):
+    image = save_random_image(tmp_path / "dog.png", 42)
+    texts = ["a dog", "a cat", "a fish", "a pig"]
+    results = run(tmp_path, "--image", image, "--texts", *texts)["single_image"]
+    model, tokenizer, transform = tiny_model()
+    with torch.no_grad():
+        image_embeds = model.encode_image(transform(Image.open(image)).unsqueeze(0), normalize=True)
+        text_embeds = model.encode_text(tokenizer(texts)["input_ids"], normalize=True)
+        cosine = (image_embeds @ text_embeds.T)[0]
+        probs = (model.logit_scale() * cosine).softmax(0)
+    order = cosine.argsort(descending=True).tolist()
+    assert results["texts"] == [texts[i] for i in order]
+    assert results["cosine"] == pytest.approx(cosine[order].tolist(), abs=1e-5)
+    assert results["probs"] == pytest.approx(probs[order].tolist(), abs=1e-5)
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"^\s+\d+\s+-?\d\.\d{4}", line)]
+    assert [line.split(None, 3)[3] for line in lines] == results["texts"]
+    assert_png(tmp_path / "out" / "similarity.png")
+
+
+def test_zeroshot_folder_skips_unreadable(tmp_path, capsys):
+    root = tmp_path / "zs"
+    for c, name in enumerate(["cat", "dog", "fish"]):
+        for i in range(2):
+            save_random_image(root / name / f"{i}.png", 10 * c + i)
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    (root / "fish" / "readme.txt").write_text("not an image")
+    results = run(tmp_path, "--zeroshot_dir", root, "--templates", "simple")["zeroshot"]
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s) of 7" in out
+    assert "Zero-shot on" in out and "6 images, 3 classes, 1 templates" in out
+    assert results["skipped_unreadable"] == 1 and results["ignored_non_images"] == 1
+    # By hand: each image's most similar "a photo of a {class}." prompt.
+    model, tokenizer, transform = tiny_model()
+    with torch.no_grad():
+        prompts = model.encode_text(tokenizer([f"a photo of a {c}." for c in ("cat", "dog", "fish")])["input_ids"],
+                                    normalize=True)
+        paths = [root / c / f"{i}.png" for c in ("cat", "dog", "fish") for i in range(2)]
+        images = model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]), normalize=True)
+    predicted = (images @ prompts.T).argmax(1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert results["zeroshot_top1"] == pytest.approx((predicted == labels).double().mean().item() * 100)
+    assert "zeroshot_top5" not in results  # only 3 classes
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    save_random_image(tmp_path / "zs" / "cat" / "0.png", 0)
+    (tmp_path / "zs" / "dog").mkdir()
+    with pytest.raises(ValueError, match=r"class folder .*zs/dog has no image files"):
+        run(tmp_path, "--zeroshot_dir", tmp_path / "zs")
+
+
+def test_caption_file_without_captions(tmp_path):
+    save_random_image(tmp_path / "images" / "0.png", 0)
+    (tmp_path / "val.json").write_text(json.dumps([{"image": "images/0.png", "caption": []}]))
+    with pytest.raises(CaptionFileError, match=r"val.json: entry 0: captions must be a non-empty list"):
+        run(tmp_path, "--eval_file", tmp_path / "val.json")
+
+
+def test_feature_cache_reuse_and_other_model(tmp_path, caption_set, caplog):
+    feats = tmp_path / "feats"
+    first = run(tmp_path, "--eval_file", caption_set, "--save_features", feats)["retrieval"]
+    assert sorted(p.name for p in feats.iterdir()) == ["val_images.json", "val_images.safetensors",
+                                                       "val_texts.json", "val_texts.safetensors"]
+    stamp = (feats / "val_images.safetensors").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="miniclip.features"):
+        again = run(tmp_path, "--eval_file", caption_set, "--save_features", feats)["retrieval"]
+    assert again == first and "reusing features" in caplog.text
+    assert (feats / "val_images.safetensors").stat().st_mtime_ns == stamp
+    # Another model (another seed) must not read these features ...
+    with pytest.raises(FeatureCacheError, match=r"made with a different model.*--overwrite_features"):
+        run(tmp_path, "--eval_file", caption_set, "--save_features", feats, "--seed", 1)
+    # ... unless asked to recompute; then the cache holds the new model's features.
+    other = run(tmp_path, "--eval_file", caption_set, "--save_features", feats, "--seed", 1,
+                "--overwrite_features")["retrieval"]
+    model, tokenizer, transform = tiny_model(seed=1)
+    assert other["mean_recall"] == pytest.approx(evaluate_retrieval(model, read_caption_file(caption_set), tokenizer,
+                                                                    transform, progress=False)["mean_recall"])
+    assert run(tmp_path, "--eval_file", caption_set, "--save_features", feats, "--seed", 1)["retrieval"] == other
+
+
+def test_arguments_from_json_file_and_bad_arguments(tmp_path, caption_set):
+    args = {"model_config": "tiny-vit", "eval_file": str(caption_set), "output_dir": str(tmp_path / "o"),
+            "progress": False, "grid_k": 2}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    assert "mean_recall" in script.main([str(tmp_path / "args.json")])["retrieval"]
+    assert_png(tmp_path / "o" / "retrieval_grid.png")
+    with pytest.raises(ValueError, match="exactly one of --checkpoint"):
+        script.main(["--model_config", "tiny-vit", "--checkpoint", "x", "--eval_file", str(caption_set)])
+    with pytest.raises(ValueError, match="nothing to do"):
+        script.main(["--model_config", "tiny-vit"])
+    with pytest.raises(ValueError, match="--image and --texts go together"):
+        script.main(["--model_config", "tiny-vit", "--image", "dog.png"])
+    with pytest.raises(ValueError, match=r"templates='fr' is not one of"):
+        script.main(["--model_config", "tiny-vit", "--zeroshot_dir", ".", "--templates", "fr"])
