@@ -114,7 +114,8 @@ def hf_chinese_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:
     The ViT's activation comes from `vision_config.hidden_act` ("quick_gelu" in Chinese-CLIP's releases and HF's
     default); BERT keeps its own `hidden_act` ("gelu") and `layer_norm_eps` (1e-12).
     """
-    check_model_type(hf_config, "chinese_clip", "For OpenAI-style CLIP use miniclip.convert_hf.hf_clip_config_to_miniclip.")
+    check_model_type(hf_config, "chinese_clip",
+                     "For OpenAI-style CLIP use miniclip.convert_hf.hf_clip_config_to_miniclip.")
     cfg = ChineseCLIPConfig.from_dict(hf_config)  # fills HF's defaults for keys older files leave out
     text, vision = cfg.text_config, cfg.vision_config
     position_type = getattr(text, "position_embedding_type", "absolute")

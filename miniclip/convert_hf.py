@@ -237,7 +237,8 @@ def check_eos_pooling(text) -> None:
 
 def hf_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:
     """`CLIPModel` config.json content -> ClipConfig (ViT + causal text transformer, OpenAI preprocessing)."""
-    check_model_type(hf_config, "clip", "For Chinese-CLIP use miniclip.convert_chinese.hf_chinese_clip_config_to_miniclip.")
+    check_model_type(hf_config, "clip",
+                     "For Chinese-CLIP use miniclip.convert_chinese.hf_chinese_clip_config_to_miniclip.")
     cfg = CLIPConfig.from_dict(hf_config)  # fills HF's defaults for keys older files leave out
     text, vision = cfg.text_config, cfg.vision_config
     quick_gelu = activation_from_hf({"text_config": text.hidden_act, "vision_config": vision.hidden_act})

@@ -181,7 +181,8 @@ def test_chinese_clip_vit_b_16_config_round_trip():
     config = dataclasses.replace(load_model_config("ChineseCLIP-ViT-B-16"), name=None)
     hf_config = miniclip_config_to_hf_chinese_clip(config)
     assert hf_config["vision_config"]["hidden_act"] == "quick_gelu"
-    assert ChineseCLIPConfig.from_dict(hf_config).vision_config.hidden_act == ChineseCLIPConfig().vision_config.hidden_act
+    hf_default = ChineseCLIPConfig().vision_config.hidden_act  # HF's own default agrees: QuickGELU
+    assert ChineseCLIPConfig.from_dict(hf_config).vision_config.hidden_act == hf_default
     assert hf_chinese_clip_config_to_miniclip(hf_config).to_dict() == config.to_dict()
 
 
@@ -199,3 +200,38 @@ def test_unsupported_chinese_models_are_refused():
     bad["vision_config"]["hidden_act"] = "relu"
     with pytest.raises(ValueError, match="vision_config.hidden_act='relu'"):
         hf_chinese_clip_config_to_miniclip(bad)
+
+
+# --- through the loader core (checkpoints.py): detection, strict validation, export -----------------------------
+
+@pytest.mark.parametrize("flash", [False, True], ids=["plain", "flash-attention"])
+def test_load_pretrained_reads_cn_clip_file(tmp_path, flash):
+    from miniclip.checkpoints import load_pretrained
+    config = tiny()
+    reference = perturb_(cn_clip_reference(config))
+    save_like_cn_clip(reference, tmp_path / "epoch3.pt")
+    if flash:  # the same file as cn_clip writes it when trained with use_flash_attention
+        checkpoint = torch.load(tmp_path / "epoch3.pt", weights_only=True)
+        checkpoint["state_dict"] = convert_state_dict(checkpoint["state_dict"])
+        torch.save(checkpoint, tmp_path / "epoch3.pt")
+    model = load_pretrained(tmp_path / "epoch3.pt")
+    assert model.load_info["layout"] == "cn_clip"
+    assert model.load_info["ignored"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    pixel_values, input_ids, _ = bert_inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixel_values), reference.encode_image(pixel_values),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(input_ids), reference.encode_text(input_ids), atol=1e-5, rtol=0)
+
+
+def test_load_pretrained_and_save_hf_chinese_clip(tmp_path):
+    from miniclip.checkpoints import load_pretrained, save_pretrained
+    config = tiny()
+    hf_model = hf_chinese_folder(tmp_path / "hf", config, legacy_bin=True)
+    model = load_pretrained(tmp_path / "hf")
+    assert model.load_info["layout"] == "hf_chinese_clip" and model.config.to_dict() == config.to_dict()
+    assert_same_as_hf(hf_model, model, config)
+    save_pretrained(model, tmp_path / "out", format="hf")
+    exported, info = ChineseCLIPModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert_same_as_hf(exported.eval(), model, config)

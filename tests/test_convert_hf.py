@@ -197,3 +197,33 @@ def test_wrong_model_type_and_unexportable_models_are_refused():
     sigmoid = dataclasses.replace(tiny_config(), init_logit_bias=-10.0)
     with pytest.raises(ValueError, match="logit_bias"):
         miniclip_to_hf_clip(MiniClip(sigmoid).state_dict(), sigmoid)
+
+
+# --- through the loader core (checkpoints.py): detection, strict validation, export -----------------------------
+
+@pytest.mark.parametrize("legacy_bin", [False, True], ids=["safetensors", "legacy-bin"])
+@pytest.mark.parametrize("with_config", [False, True], ids=["config=None", "config=given"])
+def test_load_pretrained_reads_hf_clip_folder(tmp_path, legacy_bin, with_config):
+    from miniclip.checkpoints import load_pretrained
+    config = tiny_config(quick_gelu=True)
+    hf_model = hf_folder(tmp_path, config, legacy_bin=legacy_bin)
+    model = load_pretrained(tmp_path, config=config if with_config else None)
+    assert model.load_info["layout"] == "hf_clip"
+    assert model.load_info["ignored"] == (["text_model.embeddings.position_ids",
+                                           "vision_model.embeddings.position_ids"] if legacy_bin else [])
+    assert model.config.quick_gelu
+    assert_same_embeddings(hf_model, model, config)
+
+
+def test_save_pretrained_hf_is_a_clipmodel_folder(tmp_path):
+    from miniclip.checkpoints import load_pretrained, save_pretrained
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = perturb_(MiniClip(config))
+    save_pretrained(model, tmp_path, format="hf")
+    hf_model, info = CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert_same_embeddings(hf_model.eval(), model, config)
+    back = load_pretrained(tmp_path)
+    assert back.config.to_dict() == config.to_dict()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
