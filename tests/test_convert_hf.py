@@ -227,3 +227,16 @@ def test_save_pretrained_hf_is_a_clipmodel_folder(tmp_path):
     back = load_pretrained(tmp_path)
     assert back.config.to_dict() == config.to_dict()
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_old_config_dict_keys_are_read():
+    """config.json files from transformers < 4.21 carry the tower settings as `text_config_dict` /
+    `vision_config_dict`; transformers still reads them, and so do we (through CLIPConfig)."""
+    hf_config = {"model_type": "clip", "projection_dim": 256, "text_config": None, "vision_config": None,
+                 "text_config_dict": {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024,
+                                      "eos_token_id": 49407},
+                 "vision_config_dict": {"hidden_size": 384, "num_attention_heads": 6, "patch_size": 16,
+                                        "intermediate_size": 1536, "hidden_act": "quick_gelu"}}
+    config = hf_clip_config_to_miniclip(hf_config)
+    assert (config.text_cfg.width, config.text_cfg.heads, config.embed_dim) == (256, 4, 256)
+    assert (config.vision_cfg.width, config.vision_cfg.head_width, config.vision_cfg.patch_size) == (384, 64, 16)
