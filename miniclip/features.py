@@ -52,7 +52,8 @@ def files_fingerprint(paths: Sequence[str | Path]) -> str:
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    # JSON, not "\n".join: ["a\nb"] and ["a", "b"] must differ
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:

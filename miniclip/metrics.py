@@ -63,7 +63,8 @@ def recall_at(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[int, float]:
 @torch.no_grad()
 def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor,
                       ks=DEFAULT_KS) -> dict[str, float]:
-    """Recall@k (percent) both ways, their mean (`mean_recall`), and median ranks (1-based).
+    """Recall@k (percent) both ways, their mean (`mean_recall`), and median ranks (1-based; for an even count the
+    lower of the two middle ranks, as torch.median gives).
 
     image_embeds (N_img, D) and text_embeds (N_txt, D) L2-normalised; text_to_image (N_txt,) the image of each caption.
     """
