@@ -180,3 +180,22 @@ def test_arguments_from_json_file_and_bad_arguments(tmp_path, caption_set):
         script.main(["--model_config", "tiny-vit", "--image", "dog.png"])
     with pytest.raises(ValueError, match=r"templates='fr' is not one of"):
         script.main(["--model_config", "tiny-vit", "--zeroshot_dir", ".", "--templates", "fr"])
+
+
+def test_checkpoint_folder_chinese_model(tmp_path, capsys):
+    """A saved Chinese-CLIP-style checkpoint: the loader's model gives what the same weights give by config, with
+    the Chinese prompt templates chosen automatically and a class-name map for the folders."""
+    from miniclip.checkpoints import save_pretrained
+    torch.manual_seed(0)
+    save_pretrained(MiniClip("tiny-chinese-vit"), tmp_path / "ckpt")
+    root = tmp_path / "zs"
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(2):
+            save_random_image(root / name / f"{i}.png", 10 * c + i)
+    (tmp_path / "names.json").write_text(json.dumps({"cat": "猫", "dog": "狗"}, ensure_ascii=False))
+    task = ["--zeroshot_dir", str(root), "--class_map", str(tmp_path / "names.json"), "--no_progress"]
+    loaded = script.main(["--checkpoint", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "a"), *task])
+    out = capsys.readouterr().out
+    assert "4 images, 2 classes, 80 templates" in out and re.search(r"^猫\s+\d", out, re.M)
+    by_config = script.main(["--model_config", "tiny-chinese-vit", "--output_dir", str(tmp_path / "b"), *task])
+    assert loaded["zeroshot"] == by_config["zeroshot"]
