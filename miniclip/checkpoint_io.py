@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -83,7 +84,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
     try:
         # TorchScript code only runs when a method is called; loading executes no Python.
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still the only reader
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise CheckpointError(f"{path} is a TorchScript archive that could not be loaded: {e}") from None
     return dict(module.state_dict())

@@ -104,8 +104,10 @@ def miniclip_to_open_clip(state: dict) -> dict:
 
 # --- detection ------------------------------------------------------------------------------------------------------
 def _is_tinyclip_auto(keys) -> bool:
+    # TinyCLIP's pruning wrapper names its towers _image_encoder / _text_encoder and stores l0-module gate
+    # parameters (*_loga, lambda_*) next to the weights.
     return any(k.startswith(("_image_encoder.", "_text_encoder.", "_logit_scale.")) or "l0_module" in k
-               or k.endswith(("_mask", ".mask", "_loga")) for k in keys)
+               or k.endswith("_loga") for k in keys)
 
 
 def detect_layout(state: dict, file: Path, kind: str) -> str:

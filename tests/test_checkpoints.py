@@ -78,3 +78,145 @@ def test_trainer_output_without_config_is_inferred(tmp_path):
     _assert_same_model(model, loaded)
     assert loaded.config.vision_cfg.head_width == 32  # taken from the shipped tiny-vit config of the same shapes
     assert loaded.load_info["layout"] == "miniclip"
+
+
+# --- open_clip family: TinyCLIP, open_clip, OpenAI --------------------------------------------------------------------
+def _config_64(resnet: bool, quick_gelu: bool = False) -> ClipConfig:
+    """A tiny config in no shipped JSON, with OpenAI's 64-wide heads: config=None must infer it from shapes alone."""
+    vision = ({"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None, "head_width": 64} if resnet
+              else {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16, "head_width": 64})
+    return ClipConfig.from_dict({"embed_dim": 48, "quick_gelu": quick_gelu, "vision_cfg": vision,
+                                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
+                                              "layers": 2}}, where="test config")
+
+
+def _open_clip_model(config: ClipConfig, quick_gelu: bool | None = None):
+    import open_clip
+    cfg = config.open_clip_cfg()
+    if quick_gelu is not None:
+        cfg["quick_gelu"] = quick_gelu
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(**cfg).eval()
+
+
+def _assert_matches_open_clip(model: MiniClip, reference, config: ClipConfig):
+    pixel_values, input_ids = _inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixel_values), reference.encode_image(pixel_values),
+                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.encode_text(input_ids), reference.encode_text(input_ids), atol=ATOL, rtol=0)
+
+
+OPEN_CLIP_CONFIGS = ["tiny-vit", "tiny-resnet", "vit64", "resnet64"]
+
+
+def _config_named(name: str) -> ClipConfig:
+    return {"vit64": lambda: _config_64(False), "resnet64": lambda: _config_64(True)}.get(
+        name, lambda: load_model_config(name))()
+
+
+@pytest.mark.parametrize("name", OPEN_CLIP_CONFIGS)
+@pytest.mark.parametrize("given", [True, False], ids=["config", "config=None"])
+def test_tinyclip_release_pt(tmp_path, name, given):
+    """TinyCLIP's released .pt: {"state_dict": {"module." + open_clip key}, "epoch", "optimizer"}; GELU."""
+    config = _config_named(name)
+    reference = _open_clip_model(config, quick_gelu=False)
+    optimizer = torch.optim.AdamW(reference.parameters())
+    file = tmp_path / "TinyCLIP-ViT-40M-32-Text-19M-LAION400M.pt"
+    torch.save({"epoch": 25, "state_dict": {"module." + k: v for k, v in reference.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, file)
+    model = load_pretrained(file, config=config if given else None)
+    assert model.load_info["layout"] == "tinyclip" and model.config.quick_gelu is False
+    _assert_matches_open_clip(model, reference, config)
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "vit64"])
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".safetensors", "-train.pt"])
+def test_open_clip_state_dict_files(tmp_path, name, suffix, caplog):
+    config = _config_named(name)
+    reference = _open_clip_model(config)
+    file = tmp_path / f"weights{suffix}"
+    state = reference.state_dict()
+    if suffix == ".safetensors":
+        save_file(state, str(file))
+    elif suffix == "-train.pt":  # open_clip's training checkpoint (DDP) with its bookkeeping entries
+        torch.save({"epoch": 2, "name": "run", "state_dict": {"module." + k: v for k, v in state.items()},
+                    "optimizer": {"state": {}, "param_groups": []}}, file)
+    else:
+        torch.save(state, file)
+    _assert_matches_open_clip(load_pretrained(file, config=config), reference, config)
+    with caplog.at_level("WARNING"):
+        inferred = load_pretrained(file)
+    assert inferred.load_info["layout"] == "open_clip" and inferred.config.quick_gelu is False
+    if name == "vit64":  # no shipped config knows the activation: the GELU assumption is announced
+        assert "assuming GELU" in caplog.text and "quick_gelu" in caplog.text
+    _assert_matches_open_clip(inferred, reference, config)
+
+
+def _save_open_clip_hub_folder(reference, config: ClipConfig, folder, safetensors: bool):
+    """What open_clip's push_to_hf_hub.save_for_hf writes (minus the tokenizer files)."""
+    import safetensors.torch
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    folder.mkdir()
+    set_model_preprocess_cfg(reference, {"size": config.vision_cfg.image_size, "mode": "RGB", "mean": (0.5, 0.5, 0.5),
+                                         "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
+                                         "resize_mode": "squash", "fill_color": 0})
+    cfg = config.open_clip_cfg()
+    cfg["quick_gelu"] = True
+    if safetensors:
+        safetensors.torch.save_file(reference.state_dict(), str(folder / "open_clip_model.safetensors"))
+    else:
+        torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    save_config_for_hf(reference, folder / "open_clip_config.json", model_config=cfg)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "resnet64"])
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_open_clip_hub_folder_carries_its_activation(tmp_path, name, safetensors):
+    config = _config_named(name)
+    reference = _open_clip_model(config, quick_gelu=True)
+    _save_open_clip_hub_folder(reference, config, tmp_path / "hub", safetensors)
+    model = load_pretrained(tmp_path / "hub")
+    assert model.config.quick_gelu is True  # from open_clip_config.json, not a convention
+    assert model.config.preprocess_cfg.mean == (0.5, 0.5, 0.5) and model.config.preprocess_cfg.resize_mode == "squash"
+    _assert_matches_open_clip(model, reference, config)
+
+
+def make_openai_archive(reference, image_size: int, path):
+    """An OpenAI-style TorchScript archive: OpenAI's key layout, fp16 weights, and the three metadata entries."""
+    import open_clip
+    del reference.context_length, reference.vocab_size  # python ints in open_clip; 0-dim buffers in OpenAI's files
+    reference.register_buffer("input_resolution", torch.tensor(image_size))
+    reference.register_buffer("context_length", torch.tensor(77))
+    reference.register_buffer("vocab_size", torch.tensor(49408))
+    open_clip.model.convert_weights_to_lp(reference)  # OpenAI ships fp16 linear / conv / projection weights
+    torch.jit.script(reference).save(str(path))
+    for name in ("input_resolution", "context_length", "vocab_size"):
+        delattr(reference, name)
+    return reference.float()  # the reference computes in fp32 from the same fp16-rounded values
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-resnet", "vit64", "resnet64"])
+@pytest.mark.parametrize("given", [True, False], ids=["config", "config=None"])
+def test_openai_torchscript_archive(tmp_path, name, given):
+    config = _config_named(name)
+    reference = _open_clip_model(config, quick_gelu=True)
+    reference = make_openai_archive(reference, config.vision_cfg.image_size, tmp_path / "ViT-B-32.pt")
+    quick = ClipConfig.from_dict({**config.to_dict(), "quick_gelu": True})
+    model = load_pretrained(tmp_path / "ViT-B-32.pt", config=quick if given else None)
+    assert model.load_info["layout"] == "openai" and model.config.quick_gelu is True
+    assert {"input_resolution", "context_length", "vocab_size"} <= set(model.load_info["ignored"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    _assert_matches_open_clip(model, reference, config)
+
+
+def test_openai_state_dict_with_int_metadata(tmp_path):
+    """The same entries as plain ints (a state dict saved from OpenAI's code) are ignored too."""
+    config = _config_named("vit64")
+    reference = _open_clip_model(config, quick_gelu=True)
+    state = dict(reference.state_dict(), input_resolution=64, context_length=77, vocab_size=49408)
+    torch.save(state, tmp_path / "openai.pt")
+    model = load_pretrained(tmp_path / "openai.pt")
+    assert model.load_info["layout"] == "openai" and model.config.quick_gelu is True
+    _assert_matches_open_clip(model, reference, config)
