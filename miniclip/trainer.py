@@ -1,0 +1,333 @@
+"""`ClipTrainer`: the Hugging Face `Trainer` taught contrastive training. The loss comes from loss.py (global
+negatives across processes), weight decay skips gains / biases / embeddings / temperature, locked BatchNorm keeps
+its statistics, an optional cached-feature accumulation keeps negatives right over micro-batches, checkpoints are
+miniclip folders, and `evaluate()` reports retrieval recall. Everything else (mixed precision, DDP, schedules,
+checkpoint rotation, resume, logging integrations) is the stock Trainer.
+
+Leaves out on purpose: FSDP / DeepSpeed specifics (the stock paths run; nothing is tuned for them).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .callbacks import CurvesCallback, LogitScaleClampCallback, TwoStageCallback
+from .captions import CaptionRecord
+from .config import _check_literal
+from .loss import build_loss
+
+logger = logging.getLogger(__name__)
+
+LossKind = Literal["clip", "siglip"]
+# Parameters named like this never decay, whatever their shape: decaying an embedding table or the temperature
+# pulls them towards zero for no regularisation benefit (open_clip and Chinese-CLIP exclude them too).
+NO_DECAY_NAMES = frozenset({"logit_scale", "logit_bias", "token_embedding", "positional_embedding", "class_embedding",
+                            "word_embeddings", "position_embeddings", "token_type_embeddings"})
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay: matrices and conv kernels (ndim >= 2), except embeddings and
+    the temperature. 1-D parameters (LayerNorm / BatchNorm gains, biases, the ViT class token) never decay."""
+    return [name for name, p in model.named_parameters()
+            if p.ndim >= 2 and not NO_DECAY_NAMES.intersection(name.split("."))]
+
+
+@dataclass
+class ClipTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the contrastive-batch options of `ClipTrainer`."""
+    feature_accum_steps: int = field(default=1, metadata={"help": (
+        "Cached-feature gradient accumulation (open_clip's accum_freq): each optimizer step takes this many "
+        "micro-batches of per_device_train_batch_size, computes all their features without gradients, then "
+        "recomputes each micro-batch with gradients against the cached others, so every sample meets the negatives "
+        "of the whole accumulated batch (unlike gradient_accumulation_steps, whose micro-batches only see their own "
+        "negatives). Costs one extra forward pass. 1 = off.")})
+    local_loss: bool = field(default=False, metadata={"help": (
+        "With several processes, score only this process's rows against all gathered columns (open_clip's local "
+        "loss): less logit memory, same gradient.")})
+    gather_with_grad: bool = field(default=True, metadata={"help": (
+        "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
+        "through other processes' copies of the features.")})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_accum_steps < 1:
+            raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+
+
+def _scalar(value: torch.Tensor | None) -> torch.Tensor | None:
+    """nn.DataParallel returns one copy of a scalar output per GPU: they are equal, their mean keeps all gradients."""
+    return value.mean() if value is not None and value.ndim > 0 else value
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_records(records, what: str) -> None:
+    if records is None:
+        return
+    groups = records.values() if isinstance(records, dict) else [records]
+    for group in groups:
+        if not isinstance(group, (list, tuple)) or not all(isinstance(r, CaptionRecord) for r in group):
+            raise ValueError(f"{what} must be a list of CaptionRecord (or a dict of such lists) for retrieval "
+                             f"evaluation, got {type(group).__name__}. Fix: pass "
+                             "miniclip.captions.read_caption_file(validation_file)")
+
+
+class ClipTrainer(Trainer):
+    """`Trainer` for `MiniClip`. Extra arguments:
+
+    loss: "clip" (symmetric cross-entropy) or "siglip" (sigmoid; the model needs a logit_bias).
+    unlock_image_step: two-stage training; the image-tower parameters locked on entry (requires_grad=False) are
+        trained from this optimizer step on (see callbacks.TwoStageCallback).
+    freeze_bn_stats: BatchNorm layers whose parameters are all locked run in eval mode, so their running statistics
+        stay as loaded (re-applied at every step, as Trainer calls model.train()).
+    eval_dataset: a list of CaptionRecord (or a dict name -> list); `evaluate()` reports retrieval on them.
+    eval_transform: image transform for evaluation (default: the model family's eval transform).
+    processing_class: the tokenizer (saved with every checkpoint, used by evaluation).
+    """
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by the accumulation steps
+
+    def __init__(self, model: nn.Module, args: TrainingArguments | None = None, *, loss: LossKind = "clip",
+                 unlock_image_step: int | None = None, freeze_bn_stats: bool = True, eval_transform=None,
+                 **kwargs):
+        _check_literal(loss, LossKind, "loss")
+        if loss == "siglip" and getattr(model, "logit_bias", None) is None:
+            raise ValueError("loss='siglip' needs a model with a learnt logit_bias: set init_logit_bias in the model "
+                             "config (SigLIP uses -10) or pass --init_logit_bias -10 to train.py")
+        _check_records(kwargs.get("eval_dataset"), "eval_dataset")
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [LogitScaleClampCallback(), CurvesCallback()]
+        if unlock_image_step is not None:
+            callbacks.append(TwoStageCallback(self._staged_image_params(model, unlock_image_step), unlock_image_step))
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        self.model_accepts_loss_kwargs = False  # MiniClip.forward takes **unused; no token-count normalisation
+        self.loss_fn = build_loss(loss, local_loss=getattr(self.args, "local_loss", False),
+                                  gather_with_grad=getattr(self.args, "gather_with_grad", True))
+        self.freeze_bn_stats = freeze_bn_stats
+        self.feature_accum_steps = getattr(self.args, "feature_accum_steps", 1)
+        # The dataloader yields all micro-batches of one cached-feature step at once: k * per-device batch.
+        self._train_batch_size *= self.feature_accum_steps
+        if eval_transform is None:
+            from .transforms import image_transform
+            eval_transform = image_transform(model.config, train=False)
+        self.eval_transform = eval_transform
+
+    @staticmethod
+    def _staged_image_params(model: nn.Module, unlock_step: int) -> list[nn.Parameter]:
+        if unlock_step < 0:
+            raise ValueError(f"unlock_image_step={unlock_step} must be >= 0")
+        staged = [p for p in model.image_encoder.parameters() if not p.requires_grad]
+        if not staged:
+            raise ValueError("unlock_image_step is set but the image tower has no locked parameter: lock it first "
+                             "(model.lock_image_tower(), --lock_image in train.py)")
+        for p in staged:  # see TwoStageCallback: the optimizer and DDP must know them from the start
+            p.requires_grad_(True)
+        return staged
+
+    # --- loss ---------------------------------------------------------------------------------------------------------
+    def _freeze_locked_batchnorm(self) -> None:
+        if not self.freeze_bn_stats:
+            return
+        for module in self.accelerator.unwrap_model(self.model).modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._freeze_locked_batchnorm()
+        outputs = model(**inputs)
+        loss = self.loss_fn(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
+                            _scalar(outputs.logit_bias))
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.feature_accum_steps > 1:
+            loss = self._cached_feature_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._check_finite(loss)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self.accelerator.num_processes > 1:  # stop every process together, not one while the others wait
+            bad = self.accelerator.reduce(bad.float().reshape(1), reduction="sum") > 0
+        if bool(bad):
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.state.global_step + 1} (epoch "
+                f"{self.state.epoch or 0:.2f}); training stopped instead of diverging silently. Fix: lower the "
+                "learning_rate or raise warmup_steps, set max_grad_norm, use bf16 rather than fp16, and check the "
+                "data around this step.")
+
+    def _cached_feature_step(self, model, inputs) -> torch.Tensor:
+        """open_clip's --accum-freq (in the spirit of GradCache, Gao et al. 2021): features of all k micro-batches without autograd, then each
+        micro-batch again with autograd, its fresh features spliced among the cached ones. The gradients sum to
+        exactly those of one k-times larger batch: each pass gives the full-batch gradient through its own
+        micro-batch, and the temperature (which every pass sees) keeps its gradient in the last pass only.
+        The RNG state is replayed per micro-batch so dropout masks match between the two passes."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self._freeze_locked_batchnorm()
+        n = min(self.feature_accum_steps, len(inputs["pixel_values"]))
+        chunks = [dict(zip(inputs, parts)) for parts in zip(*(torch.tensor_split(v, n) for v in inputs.values()))]
+        states, images, texts = [], [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for chunk in chunks:
+                states.append(_rng_state())
+                out = model(**chunk)
+                images.append(out.image_embeds)  # (b, D)
+                texts.append(out.text_embeds)  # (b, D)
+        after = _rng_state()
+        for j, chunk in enumerate(chunks):
+            _set_rng_state(states[j])
+            last = j == n - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                with self.compute_loss_context_manager():
+                    out = model(**chunk)
+                    scale, bias = _scalar(out.logit_scale), _scalar(out.logit_bias)
+                    if not last:
+                        scale, bias = scale.detach(), bias.detach() if bias is not None else None
+                    loss = self.loss_fn(torch.cat(images[:j] + [out.image_embeds] + images[j + 1:]),  # (k*b, D)
+                                        torch.cat(texts[:j] + [out.text_embeds] + texts[j + 1:]), scale, bias)
+                loss = loss / self.current_gradient_accumulation_steps
+                self.accelerator.backward(loss)
+        _set_rng_state(after)
+        return loss.detach()
+
+    def floating_point_ops(self, inputs) -> int:
+        """Not estimated: the Trainer's 6 * tokens * parameters rule is for language models (it reads `total_flos`
+        from this only for its logs)."""
+        return 0
+
+    # --- optimizer ----------------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+    def create_optimizer(self, model=None):
+        """Two parameter groups (decay / no decay) over the parameters that require grad, which includes the ones a
+        two-stage run unlocks later (see TwoStageCallback)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")):
+            return super().create_optimizer(model)  # GaLore / LOMO / layer-wise optimizers build their own groups
+        decay = set(self.get_decay_parameter_names(opt_model))
+        trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A miniclip folder (model.safetensors, model_config.json, tokenizer files; each written atomically) that
+        `MiniClip.from_pretrained` loads; plus the training arguments as JSON."""
+        from .checkpoint_io import atomic_write_text
+        from .checkpoints import save_pretrained
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_pretrained(_StateView(model, state_dict) if state_dict is not None else model, output_dir,
+                        format="miniclip", tokenizer=self.processing_class)
+        atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string() + "\n")
+
+    def _load_weights(self, folder: str) -> None:
+        """Strictly: every tensor of the model must be in the checkpoint with its shape, and nothing else."""
+        from safetensors.torch import load_file
+        from .checkpoint_io import CheckpointError
+        path = Path(folder) / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no model.safetensors in checkpoint {folder}: is it a ClipTrainer checkpoint? "
+                                    "Fix: pass a checkpoint-* folder written by train.py, or 'latest'")
+        try:
+            self.model.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit the model being trained: {e}. Fix: resume with "
+                                  "the same model arguments as the run that wrote it") from None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is not None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info("loading the best model from %s (%s = %s)", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        self._load_weights(self.state.best_model_checkpoint)
+
+    # --- evaluation ---------------------------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Retrieval recall on validation records (evaluation.evaluate_retrieval), logged as eval_t2i_R@1 ...
+        eval_mean_recall (usable as metric_for_best_model). Computed on the main process, shared with the others."""
+        records = self.eval_dataset if eval_dataset is None else eval_dataset
+        _check_records(records, "eval_dataset")
+        if records is None:
+            raise ValueError("evaluation needs validation records: pass eval_dataset=read_caption_file(...) "
+                             "(--validation_file in train.py), or set eval_strategy='no'")
+        if isinstance(records, dict):
+            metrics = {}
+            for name, group in records.items():
+                metrics.update(self.evaluate(group, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        metrics = self._retrieval_metrics(records, metric_key_prefix) if self.is_world_process_zero() else None
+        if self.accelerator.num_processes > 1:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _retrieval_metrics(self, records: list[CaptionRecord], prefix: str) -> dict[str, float]:
+        from .evaluation import evaluate_retrieval
+        start = time.time()
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        raw = evaluate_retrieval(model, list(records), self.processing_class, self.eval_transform,
+                                 batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
+                                 dtype=dtype, progress=not self.args.disable_tqdm)
+        metrics = {f"{prefix}_{k}": v for k, v in raw.items()}
+        metrics[f"{prefix}_runtime"] = round(time.time() - start, 3)
+        return metrics
+
+
+class _StateView:
+    """A model whose state_dict is a given one (what FSDP / DeepSpeed hand to `_save`), for save_pretrained."""
+
+    def __init__(self, model: nn.Module, state_dict: dict):
+        self.config, self._state = model.config, state_dict
+        self.checkpoint_dir = getattr(model, "checkpoint_dir", None)
+
+    def state_dict(self) -> dict:
+        return self._state
