@@ -43,8 +43,10 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
     chosen, source = choose_config(ckpt, given)
     chosen = _with_sizes(chosen, image_size, context_length)
     resized = adapt_positions(ckpt.state, chosen)
+    with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
+        skeleton = MiniClip(chosen)
+    check_fits(skeleton, ckpt, source)
     model = MiniClip(chosen)
-    check_fits(model, ckpt, source)
     _copy_into(model, ckpt.state)
     model.checkpoint_dir = ckpt.directory
     model.load_info = {"file": str(ckpt.file), "layout": ckpt.layout, "config_source": source,

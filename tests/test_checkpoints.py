@@ -220,3 +220,103 @@ def test_openai_state_dict_with_int_metadata(tmp_path):
     model = load_pretrained(tmp_path / "openai.pt")
     assert model.load_info["layout"] == "openai" and model.config.quick_gelu is True
     _assert_matches_open_clip(model, reference, config)
+
+
+# --- Chinese-CLIP's own .pt ---------------------------------------------------------------------------------------------
+def _chinese_config_64(resnet: bool) -> ClipConfig:
+    """BERT with 64-wide heads, in no shipped JSON: config=None must infer every BERT size from shapes."""
+    data = _config_64(resnet, quick_gelu=True).to_dict()
+    data["text_cfg"] = {"tower": "bert", "context_length": 52, "vocab_size": 21128, "width": 128, "heads": 2,
+                        "layers": 2, "intermediate_size": 256, "max_position_embeddings": 512, "type_vocab_size": 2}
+    data["preprocess_cfg"]["resize_mode"] = "squash"
+    return ClipConfig.from_dict(data, where="test config")
+
+
+@pytest.mark.parametrize("name", ["tiny-chinese-resnet", "bert64-vit", "bert64-resnet"])
+@pytest.mark.parametrize("given", [True, False], ids=["config", "config=None"])
+def test_cn_clip_training_checkpoint(tmp_path, name, given):
+    """cn_clip's training script saves {"epoch", "step", "name", "state_dict": {"module." + key}, "optimizer"}."""
+    from conftest import cn_clip_reference
+    config = {"bert64-vit": lambda: _chinese_config_64(False), "bert64-resnet": lambda: _chinese_config_64(True)}.get(
+        name, lambda: load_model_config(name))()
+    reference = cn_clip_reference(config)
+    state = {"module." + k: v for k, v in reference.state_dict().items()}
+    width = config.text_cfg.width
+    state.update({"module.bert.pooler.dense.weight": torch.randn(width, width),  # released files keep the pooler
+                  "module.bert.pooler.dense.bias": torch.randn(width)})
+    optimizer = torch.optim.AdamW(reference.parameters())
+    torch.save({"epoch": 3, "step": 99, "name": "run", "state_dict": state, "optimizer": optimizer.state_dict()},
+               tmp_path / "epoch_latest.pt")
+    model = load_pretrained(tmp_path / "epoch_latest.pt", config=config if given else None)
+    assert model.load_info["layout"] == "cn_clip"
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(model.load_info["ignored"])
+    assert model.config.quick_gelu and model.config.text_cfg.context_length == 52
+    assert model.config.preprocess_cfg.resize_mode == "squash"
+    pixel_values, input_ids = _inputs(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(pixel_values), reference.encode_image(pixel_values),
+                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.encode_text(input_ids), reference.encode_text(input_ids), atol=ATOL, rtol=0)
+
+
+# --- position-embedding resize -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("image_size", [48, 96, 112])
+def test_vit_resize_equals_open_clip_resize(tmp_path, image_size):
+    """A 64-pixel checkpoint (4x4 grid) loaded at another size equals open_clip's own resize_pos_embed."""
+    from open_clip.model import resize_pos_embed
+    config = _config_named("vit64")
+    reference = _open_clip_model(config)
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    model = load_pretrained(tmp_path / "w.pt", config=config, image_size=image_size)
+    assert model.config.vision_cfg.image_size == image_size
+    assert model.load_info["resized"] == [f"image position grid 4x4 -> {image_size // 16}x{image_size // 16} "
+                                          f"(image_size {image_size})"]
+    resized_config = ClipConfig.from_dict({**config.to_dict(), "vision_cfg": {**config.to_dict()["vision_cfg"],
+                                                                               "image_size": image_size}})
+    resized = _open_clip_model(resized_config)
+    state = reference.state_dict()
+    resize_pos_embed(state, resized)
+    resized.load_state_dict(state)
+    torch.testing.assert_close(model.image_encoder.visual.positional_embedding, state["visual.positional_embedding"],
+                               atol=0, rtol=0)
+    _assert_matches_open_clip(model, resized, resized_config)
+    # config=None + image_size: inferred at 64, resized the same way
+    inferred = load_pretrained(tmp_path / "w.pt", image_size=image_size)
+    _assert_same_model(model, inferred)
+
+
+def test_resnet_attention_pool_grid_resized_like_open_clip(tmp_path):
+    """open_clip resizes only ViT grids; the ResNet attention-pool grid (1 + g*g tokens) gets the same math."""
+    from types import SimpleNamespace
+    from open_clip.model import resize_pos_embed
+    config = _config_named("resnet64")
+    reference = _open_clip_model(config)
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    model = load_pretrained(tmp_path / "w.pt", image_size=96)  # 2x2 -> 3x3 attention-pool grid
+    grid = {"visual.positional_embedding": reference.state_dict()["visual.attnpool.positional_embedding"]}
+    resize_pos_embed(grid, SimpleNamespace(visual=SimpleNamespace(grid_size=(3, 3))))
+    torch.testing.assert_close(model.image_encoder.visual.attnpool.positional_embedding,
+                               grid["visual.positional_embedding"], atol=0, rtol=0)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, 96, 96)).shape == (1, 48)
+
+
+@pytest.mark.parametrize("context_length", [16, 100])
+def test_text_context_truncated_or_extended(tmp_path, context_length):
+    """Shorter: the first rows, exactly; longer: trained rows kept, the last one repeated. Either way a caption
+    that fits gives the reference's embedding (causal attention: later positions cannot change it)."""
+    config = _config_named("tiny-vit")
+    reference = _open_clip_model(config)
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    model = load_pretrained(tmp_path / "w.pt", context_length=context_length)
+    pos, trained = model.text_encoder.positional_embedding, reference.positional_embedding
+    assert pos.shape[0] == context_length and model.config.text_cfg.context_length == context_length
+    kept = min(77, context_length)
+    assert torch.equal(pos[:kept], trained[:kept])
+    if context_length > 77:
+        assert torch.equal(pos[77:], trained[-1:].expand(context_length - 77, -1))
+    _, input_ids = _inputs(config)  # captions of 5 and 8 tokens
+    ours = torch.zeros(input_ids.shape[0], context_length, dtype=torch.long)
+    ours[:, :16] = input_ids[:, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ours), reference.encode_text(input_ids), atol=ATOL, rtol=0)
