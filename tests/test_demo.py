@@ -117,8 +117,9 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, caption_file):
     assert not again.from_cache and torch.equal(again.image_embeds, first.image_embeds)
 
 
-def test_unreadable_image_is_skipped_and_counted(tmp_path, caption_file):
+def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path, caption_file):
     (caption_file.parent / "images" / "green.png").write_bytes(b"not a png at all")
+    caption_file.write_text(json.dumps(json.loads(caption_file.read_text()) + [{"image": "x.png", "caption": "gone"}]))
     model = tiny_model()
     image_set = read_image_set(caption_file)
     for from_cache in (False, True):
@@ -127,7 +128,9 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path, caption_file):
         assert [p.name for p in index.unreadable] == ["green.png"]
         assert "green.png" not in [p.name for p in index.images] and len(index) == len(COLOURS) - 1
         assert index.captions[1] == ("a blue square", "something blue")  # captions stay with their images
-    assert "1 unreadable images were skipped" in index_summary(index)
+    summary = index_summary(index)
+    assert summary.startswith(f"{len(COLOURS) - 1} images indexed; 1 listed images missing on disk were skipped; "
+                              "1 unreadable images were skipped (loaded from cache in ")
 
 
 # --- top-k ----------------------------------------------------------------------------------------------------------
