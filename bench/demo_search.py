@@ -1,8 +1,9 @@
-"""Search demo speed: index build time for a caption set (cold, no cache), the restart time (index loaded from the
+r"""Search demo speed: index build time for a caption set (cold, no cache), the restart time (index loaded from the
 cache), and median text / image query latency through `Searcher` (tokenize + encode + exact top-k), per model config
 with random weights (speed does not depend on the weights).
 
-    python bench/demo_search.py --data ../shared/data/flickr8k/en_val.json --configs tiny-vit TinyCLIP-ViT-40M-32-Text-19M
+    python bench/demo_search.py --data ../shared/data/flickr8k/en_val.json \
+        --configs tiny-vit TinyCLIP-ViT-40M-32-Text-19M
 """
 from __future__ import annotations
 

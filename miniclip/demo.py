@@ -109,7 +109,8 @@ class Searcher:
 
     def _results(self, query_embeds: torch.Tensor, k: int, start: float, notes: list[str]):
         hits = self.index.search(query_embeds, int(k))
-        gallery = [(str(self.index.images[row]), f"{score:.3f} · {self.index.captions[row][0]}") for row, score in hits]
+        images, captions = self.index.images, self.index.captions
+        gallery = [(str(images[row]), f"{score:.3f} · {captions[row][0]}") for row, score in hits]
         status = f"Top {len(hits)} of {len(self.index)} images ({time.perf_counter() - start:.2f} s)."
         return gallery, " ".join([status, *notes])
 

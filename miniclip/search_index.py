@@ -103,7 +103,7 @@ class SearchIndex:
 
 def _has_faiss() -> bool:
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return True

@@ -55,7 +55,8 @@ def reference_image_embeds(model, paths) -> torch.Tensor:
 # --- image sets -----------------------------------------------------------------------------------------------------
 def test_caption_file_with_missing_and_duplicate_images(tmp_path, caption_file):
     entries = json.loads(caption_file.read_text())
-    entries += [{"image": "images/gone.png", "caption": ["not here"]}, {"image": "images/red.png", "caption": ["again"]}]
+    entries += [{"image": "images/gone.png", "caption": ["not here"]},
+                {"image": "images/red.png", "caption": ["again"]}]
     caption_file.write_text(json.dumps(entries))
     image_set = read_image_set(caption_file)
     assert [p.name for p in image_set.images] == [f"{c}.png" for c in COLOURS]
@@ -176,7 +177,8 @@ def make_searcher(caption_file, name="tiny-vit") -> Searcher:
     return Searcher(model, get_tokenizer(model.config), index)
 
 
-@pytest.mark.parametrize("name, query", [("tiny-vit", "a red square"), ("tiny-chinese-vit", "一个红色的正方形")])
+@pytest.mark.parametrize("name, query", [("tiny-vit", "a red square"),
+                                         ("tiny-chinese-vit", "一个红色的正方形")])
 def test_text_search_ranks_by_the_models_text_embedding(caption_file, name, query):
     searcher = make_searcher(caption_file, name)
     model, paths = searcher.model, searcher.index.images

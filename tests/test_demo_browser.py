@@ -1,7 +1,6 @@
 """End to end: `python -m miniclip.demo` in a subprocess on a free loopback port, with a tiny checkpoint and coloured
 images made here, driven in headless Chromium through Playwright (Debian's `chromium`, not Playwright's download).
 Skips, saying what to install, only when gradio, playwright or the browser is missing."""
-import json
 import os
 import shutil
 import socket
