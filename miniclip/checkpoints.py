@@ -40,7 +40,13 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
     path = resolve(name_or_path)
     given = load_model_config(config) if config is not None else None
     ckpt = read_checkpoint_any(path, format, allow_unsafe_pickle, config=given)
-    chosen, source = choose_config(ckpt, given)
+    try:
+        chosen, source = choose_config(ckpt, given)
+    except CheckpointError as e:  # shapes could not be read: say which file, which layout, and what it looks like
+        foreign = [k for k in ckpt.state if not k.startswith(("image_encoder.", "text_encoder.", "logit_"))]
+        hints = [hint for prefixes, hint in _FOREIGN if any(k.startswith(prefixes) for k in foreign)]
+        raise CheckpointError(f"{ckpt.file} (detected layout: {ckpt.layout}): {e}"
+                              + "".join(f"\nLikely cause: {h}" for h in hints)) from None
     chosen = _with_sizes(chosen, image_size, context_length)
     resized = adapt_positions(ckpt.state, chosen)
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
