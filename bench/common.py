@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: one fresh subprocess per measurement (so peak memory is its own), implementations
+interleaved within each repetition (so machine noise hits all of them alike), medians and miniclip / peer ratios.
+
+Leaves out on purpose: statistics beyond the median and min-max spread (run more repetitions instead).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTIONS = ["A dog runs across the grass with a ball in its mouth .", "Two children play on a skateboard .",
+            "a man in a red jacket climbs a snowy mountain", "A group of people stand outside a building .",
+            "The black and white dog is jumping over a hurdle in a field near some trees .", "a cat on a sofa",
+            "A little girl in a pink dress is climbing the stairs of a wooden playhouse .",
+            "Two men are fishing from a small boat on a calm lake at sunset ."]
+
+
+def captions(n: int) -> list[str]:
+    """n real-length English captions (Flickr8k style, 8-20 BPE tokens)."""
+    return [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_load: float = 1.0, checks: int = 3, interval: float = 20.0, max_wait: float = 1200.0) -> bool:
+    """Sleep until the 1-minute load average is below `max_load` for `checks` readings in a row (max `max_wait` s).
+    Returns False (and goes on) when the machine never got quiet: the tables then say so."""
+    deadline, quiet = time.time() + max_wait, 0
+    while time.time() < deadline:
+        quiet = quiet + 1 if load_average() < max_load else 0
+        if quiet >= checks:
+            return True
+        print(f"waiting for a quiet machine: load {load_average():.2f} (want < {max_load} x{checks})", flush=True)
+        time.sleep(interval)
+    return False
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_worker(script: Path, args: list[str], threads: int) -> dict:
+    """Run `script --worker ...` in a fresh interpreter; its last stdout line is a JSON dict."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark worker {script.name} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleave(jobs: list[tuple], reps: int, measure, label=lambda job: " ".join(map(str, job))) -> dict:
+    """`measure(job, rep) -> dict` for every job, `reps` times, jobs interleaved within each repetition; the job
+    order rotates each repetition so that no implementation always runs first or right after a heavy one."""
+    results: dict = {}
+    for rep in range(reps):
+        shift = rep % len(jobs)
+        for job in jobs[shift:] + jobs[:shift]:
+            r = measure(job, rep)
+            results.setdefault(job, []).append(r)
+            print(f"  rep {rep + 1}/{reps} {label(job):40s} " +
+                  " ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, (int, float))), flush=True)
+    return results
+
+
+def median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return f"{min(values):.3g}-{max(values):.3g}" if len(values) > 1 else "-"
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(threads: int, device: str = "cpu") -> str:
+    import torch
+    if device == "cuda" and torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"CPU, {threads} threads of {os.cpu_count()} cores"
+    return f"torch {torch.__version__}, {where}, load average at start {load_average():.2f}"
