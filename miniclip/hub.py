@@ -114,13 +114,16 @@ def _fetch(name: str, source: Source) -> Path:
     found = _local(folder, source)
     if found is not None:
         return found
+    from huggingface_hub.errors import LocalEntryNotFoundError
     errors = []
     if source.repo_id:
         for group in source.groups:
             try:
                 return _download_group(source.repo_id, group, folder)
-            except Exception as e:  # offline, missing file, network: try the next alternative
+            except Exception as e:  # a file missing from the repo: try the next alternative
                 errors.append(f"{source.repo_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if isinstance(e, LocalEntryNotFoundError):  # offline or hub unreachable: other groups fail alike
+                    break
     if source.url and not _offline():
         try:
             return _download_url(source.url, folder)
@@ -131,10 +134,12 @@ def _fetch(name: str, source: Source) -> Path:
 
 def _download_group(repo_id: str, group: tuple, folder: Path) -> Path:
     from huggingface_hub import hf_hub_download
-    paths = [Path(hf_hub_download(repo_id, f, local_dir=folder, local_files_only=_offline())) for f in group]
+    # HF_ENDPOINT is read per call (huggingface_hub reads it once at import): mirrors, and tests' local hub.
+    kwargs = dict(local_dir=folder, local_files_only=_offline(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+    paths = [Path(hf_hub_download(repo_id, f, **kwargs)) for f in group]
     for optional in OPTIONAL_FILES:
         try:
-            hf_hub_download(repo_id, optional, local_dir=folder, local_files_only=_offline())
+            hf_hub_download(repo_id, optional, **kwargs)
         except Exception:
             pass  # most repos have none
     return paths[0] if len(group) == 1 else folder
