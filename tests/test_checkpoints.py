@@ -320,3 +320,77 @@ def test_text_context_truncated_or_extended(tmp_path, context_length):
     ours[:, :16] = input_ids[:, :16]
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(ours), reference.encode_text(input_ids), atol=ATOL, rtol=0)
+
+
+# --- export ----------------------------------------------------------------------------------------------------------------
+def _perturbed(name) -> MiniClip:
+    """Random offsets on every parameter (LayerNorms and biases too), so a mis-mapped one cannot hide."""
+    model = _random_model(name)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-resnet"])
+def test_open_clip_export_loads_in_open_clip_and_round_trips(tmp_path, name):
+    import open_clip
+    model = _perturbed(name)
+    model.save_pretrained(tmp_path / "oc", format="open_clip")
+    assert {p.name for p in (tmp_path / "oc").iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors"}
+    # open_clip 3.3 reads a local hub-style folder through the `local-dir:` schema
+    reference, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    assert tuple(reference.visual.preprocess_cfg["mean"]) == model.config.preprocess_cfg.mean
+    _assert_matches_open_clip(model, reference.eval(), model.config)
+    back = load_pretrained(tmp_path / "oc")
+    _assert_same_model(model, back)
+    assert back.config.to_dict() | {"name": None} == model.config.to_dict() | {"name": None}
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-chinese-vit"])
+def test_hf_export_round_trip_is_exact(tmp_path, name):
+    from transformers import ChineseCLIPModel, CLIPModel
+    model = _perturbed(name)
+    model.save_pretrained(tmp_path / "hf", format="hf")
+    bert = model.config.text_cfg.tower == "bert"
+    hf_class = ChineseCLIPModel if bert else CLIPModel
+    hf_model, info = hf_class.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    pixel_values, _ = _inputs(model.config)
+    with torch.no_grad():
+        theirs = hf_model.eval().get_image_features(pixel_values=pixel_values)
+        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+        torch.testing.assert_close(model.encode_image(pixel_values), theirs, atol=ATOL, rtol=0)
+    back, tokenizer = load_model_and_tokenizer(tmp_path / "hf")
+    _assert_same_model(model, back)
+    assert back.config.to_dict() | {"name": None} == model.config.to_dict() | {"name": None}
+    if bert:  # the vocabulary travels with the folder
+        assert (tmp_path / "hf" / "vocab.txt").is_file() and tokenizer.vocab_file == str(tmp_path / "hf" / "vocab.txt")
+
+
+def test_open_clip_export_refuses_bert_text_tower(tmp_path):
+    with pytest.raises(ValueError, match="format='hf'"):
+        _random_model("tiny-chinese-vit").save_pretrained(tmp_path, format="open_clip")
+    with pytest.raises(ValueError, match=r"format='onnx' is not one of \['miniclip', 'hf', 'open_clip'\]"):
+        _random_model("tiny-vit").save_pretrained(tmp_path, format="onnx")
+
+
+def test_save_is_atomic_and_keeps_the_old_checkpoint_on_failure(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous model.safetensors intact and no temporary file behind."""
+    import safetensors.torch
+    first = _random_model("tiny-vit", seed=1)
+    first.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _random_model("tiny-vit", seed=2).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model_config.json",
+                                                           "tokenizer_config.json"]
