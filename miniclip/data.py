@@ -59,6 +59,11 @@ def caption_choice(seed: int, epoch: int, index: int, n_captions: int) -> int:
     return int(state % n_captions)
 
 
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch seed of one sample's random augmentation in one epoch: a pure function, like `caption_choice`."""
+    return int(np.random.SeedSequence([seed, epoch, index, 1]).generate_state(1)[0])
+
+
 class _Decode:
     """The `with_transform` function: a batch of rows (image path, captions, index) -> pixel_values and caption."""
 
@@ -78,7 +83,12 @@ class _Decode:
                 raise ImageDecodeError(f"entry {index} (image {image}): cannot decode the image: "
                                        f"{type(e).__name__}: {e}. Fix: replace or remove the file, or use the "
                                        "bad-sample policy 'skip' to drop such samples.") from e
-            pixel_values.append(self.transform(decoded))  # (3, S, S)
+            # Random augmentation drawn from (seed, epoch, index) too, not from the global RNG stream: the
+            # dataloader prefetches batches, so a checkpoint's saved RNG state is ahead of the batch that follows
+            # it, and a resumed run would otherwise crop differently. (Added by the trainer helper.)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(augment_seed(self.seed, int(self.epoch), index))
+                pixel_values.append(self.transform(decoded))  # (3, S, S)
             captions.append(row_captions[caption_index])
         return {"pixel_values": pixel_values, "caption": captions}
 
