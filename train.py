@@ -298,14 +298,15 @@ def main(argv: list[str] | None = None) -> RunResult:
     from miniclip.data import ClipCollator, EpochCallback, build_dataset
     from miniclip.transforms import image_transform
 
-    model, tokenizer = build_model(model_args)
+    # Caption files first: a bad file fails in a second, before any model is built.
     records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
+    test_records = read_eval_records(data_args.test_file, data_args, None)
+    model, tokenizer = build_model(model_args)
     image_size = model.config.vision_cfg.image_size
     train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
                                   seed=training_args.seed, max_samples=data_args.max_train_samples,
                                   on_bad=data_args.on_bad, image_size=image_size)
-    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
-    test_records = read_eval_records(data_args.test_file, data_args, None)
     logger.info("%d training images (%d pairs per epoch), %s validation images", len(records), len(train_dataset),
                 len(eval_records) if eval_records else "no")
 
