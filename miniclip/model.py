@@ -49,7 +49,10 @@ class LogitBias(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(float(init_value)))
 
     def forward(self) -> torch.Tensor:
-        return self.logit_bias
+        # A copy, not the Parameter itself: DistributedDataParallel finds used parameters by walking back from the
+        # outputs' grad_fn, and a bare Parameter output (no grad_fn) would be taken for unused, then fail as
+        # "marked ready twice" in backward. (Edit by the trainer helper.)
+        return self.logit_bias.clone()
 
 
 class ImageEncoder(nn.Module):
