@@ -52,7 +52,7 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
         skeleton = MiniClip(chosen)
     check_fits(skeleton, ckpt, source)
-    model = MiniClip(chosen)
+    model = _empty_model(chosen)
     _copy_into(model, ckpt.state)
     model.checkpoint_dir = ckpt.directory
     model.load_info = {"file": str(ckpt.file), "layout": ckpt.layout, "config_source": source,
@@ -211,15 +211,39 @@ def _likely_causes(config: ClipConfig, ckpt: Checkpoint, unexpected: list[str], 
     return causes
 
 
-def _copy_into(model, state: dict) -> None:
-    """Copy (casting to the model's dtype) tensor by tensor, dropping each source as it goes: at most the model
-    plus the not-yet-copied rest of the checkpoint is in memory."""
-    targets = model.state_dict(keep_vars=True)
+def _empty_model(config: ClipConfig):
+    """MiniClip with its parameters on the meta device (no memory, no random init) and its buffers real: the
+    non-persistent ones (causal mask, BERT position ids) are computed at construction and never stored."""
+    from accelerate import init_empty_weights
+    from .model import MiniClip
+    with init_empty_weights(include_buffers=False):
+        return MiniClip(config)
+
+
+def _owned(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A copy of `value` in fresh memory, in the target's dtype and shape. Always a copy: safetensors and
+    mmap-loaded .pt tensors are views of the file, and a parameter left there would change (or crash with SIGBUS)
+    when someone rewrites that file in place, e.g. a Trainer saving into the folder it loaded from."""
+    out = torch.empty(target.shape, dtype=target.dtype)
     with torch.no_grad():
-        for key in list(state):
-            value = state.pop(key)
-            if key in targets:
-                targets[key].copy_(value.reshape(targets[key].shape))
+        out.copy_(value.detach().reshape(target.shape))
+    return out
+
+
+def _copy_into(model, state: dict) -> None:
+    """Give the (meta-parameter) model a fresh copy of each checkpoint tensor, dropping the source from `state` as
+    it goes: in process memory the weights exist about once (the model growing as the checkpoint shrinks), plus the
+    file's page cache for memory-mapped reads. Called only after check_fits accepted every key."""
+    targets = model.state_dict(keep_vars=True)
+    new_state = {}
+    for key, target in targets.items():
+        value = state.pop(key, None)
+        new_state[key] = target if value is None else _owned(value, target)  # None: an optional buffer
+    state.clear()
+    model.load_state_dict(new_state, strict=True, assign=True)
+    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # cannot happen after check_fits; a guard against a future model change
+        raise CheckpointError(f"internal error: {left[:5]} were not filled")
 
 
 # --- saving -----------------------------------------------------------------------------------------------------------

@@ -394,3 +394,16 @@ def test_save_is_atomic_and_keeps_the_old_checkpoint_on_failure(tmp_path, monkey
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model_config.json",
                                                            "tokenizer_config.json"]
+
+
+def test_loaded_model_owns_its_memory(tmp_path):
+    """Parameters are fresh tensors, not views of the file: rewriting the file in place (a Trainer saving into the
+    folder it loaded from) neither changes them nor crashes (SIGBUS) when they are read."""
+    model = _random_model("tiny-vit")
+    model.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    open(tmp_path / "model.safetensors", "wb").close()  # truncate in place
+    _assert_same_model(model, loaded)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in loaded.parameters())
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    assert torch.equal(loaded.text_encoder.attn_mask, model.text_encoder.attn_mask)  # rebuilt, not stored
