@@ -9,7 +9,8 @@ backward + AdamW step + zero_grad, each project's way:
                 torch.optim.AdamW with its defaults (what open_clip's training script builds);
   transformers  CLIPModel(return_loss=True), text padded to the longest caption, torch.optim.AdamW defaults.
 Ablations (--ablations) switch one miniclip lever back: +mha (open_clip's nn.MultiheadAttention blocks), +pad77
-(no trimming), +plainadam (torch.optim.AdamW defaults); +compile adds torch.compile (warm-up column = compile).
+(no trimming), +plainadam (torch.optim.AdamW defaults); +trainer runs the same step through the real
+ClipTrainer.train (its overhead); +compile adds torch.compile (warm-up column = compile time).
 
     python bench/train_speed.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 16 --steps 5 --reps 3
     python bench/train_speed.py --device cuda --config OpenAI-ViT-B-16 --batch 256 --precisions bf16   # GPU
@@ -27,7 +28,7 @@ from bench.common import (captions, fmt, interleave, machine_line, markdown_tabl
                           run_worker, spread, wait_for_quiet)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
-ABLATIONS = ("miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
+ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for model-FLOPs utilisation on GPUs.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -100,6 +101,43 @@ def count_flops(model, loss_fn) -> float:
     return counter.get_total_flops()
 
 
+def trainer_worker(config, precision: str, args) -> dict:
+    """The same miniclip step through the real `ClipTrainer.train` (fixed collated batch, so data loading is left
+    to data_speed.py): shows what the Trainer's loop, callbacks and checks add per step."""
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    from miniclip.data import trim_tokens
+    from miniclip.model import MiniClip
+    from miniclip.tokenizer import get_tokenizer
+    from miniclip.trainer import ClipTrainer, ClipTrainingArguments
+    size = config.vision_cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    inputs = {"pixel_values": torch.randn(args.batch, 3, size, size, generator=g),
+              **trim_tokens(get_tokenizer(config)(captions(args.batch)))}
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = ClipTrainingArguments(
+            output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+            learning_rate=1e-5, weight_decay=0.1, bf16=precision == "bf16", use_cpu=args.device == "cpu",
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            remove_unused_columns=False, dataloader_num_workers=0)
+        trainer = ClipTrainer(MiniClip(config), targs, train_dataset=list(range(args.batch * (args.warmup + args.steps))),
+                              data_collator=lambda _: dict(inputs), callbacks=[Clock()])
+        start = time.perf_counter()
+        trainer.train()
+    seconds = stamps[-1] - stamps[args.warmup - 1]  # from the end of the last warm-up step to the end of the last
+    return {"samples_per_s": args.batch * args.steps / seconds, "peak_mb": peak_rss_mb(),
+            "warmup_s": stamps[args.warmup - 1] - start, "gflop_per_sample": None}
+
+
 def worker(impl: str, precision: str, args) -> dict:
     import torch
     from miniclip.config import load_model_config
@@ -107,6 +145,8 @@ def worker(impl: str, precision: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = load_model_config(args.config)
+    if impl == "miniclip+trainer":
+        return trainer_worker(config, precision, args)
     model, loss_fn, fused = build(impl, config, args.batch, device)
     model.to(device).train()
     flops = count_flops(model, loss_fn) if args.count_flops else None
