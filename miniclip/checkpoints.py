@@ -95,21 +95,24 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
         return given, f"given ({given.name or 'dict'})"
     if ckpt.config is not None:
         return ckpt.config, f"stored in the checkpoint ({ckpt.layout})"
-    layout_gelu = QUICK_GELU.get(ckpt.layout)
-    inferred = infer_config(ckpt.state, quick_gelu=bool(layout_gelu))
-    known = _known_config_like(inferred)
-    if known is not None:
+    convention = QUICK_GELU.get(ckpt.layout)
+    config = infer_config(ckpt.state, quick_gelu=bool(convention))
+    source = "inferred from shapes"
+    known = _known_config_like(config)
+    if known is not None:  # same shapes as a shipped config: take what shapes cannot tell (head width) from it
         data = known.to_dict()
-        data["vision_cfg"]["image_size"] = inferred.vision_cfg.image_size
-        data["text_cfg"]["context_length"] = inferred.text_cfg.context_length
-        if ckpt.layout in ("openai", "cn_clip", "tinyclip"):
-            data["quick_gelu"] = layout_gelu
-        return ClipConfig.from_dict(data, where=f"model config {known.name}"), f"inferred (shapes of {known.name})"
-    if ckpt.layout in ("open_clip", "miniclip"):
+        data["vision_cfg"]["image_size"] = config.vision_cfg.image_size
+        data["text_cfg"]["context_length"] = config.text_cfg.context_length
+        data["quick_gelu"] = bool(convention)
+        config = ClipConfig.from_dict(data, where=f"model config {known.name}")
+        source = f"inferred (shapes of {known.name})"
+    if convention is None:
+        hint = (f" Its shapes are those of {known.name!r} (quick_gelu={known.quick_gelu}): pass config="
+                f"{known.name!r} if it is that model." if known is not None else "")
         logger.warning("%s: the checkpoint does not say which activation it was trained with; assuming GELU "
                        "(LAION open_clip / TinyCLIP). If it was trained with QuickGELU (OpenAI-initialised, "
-                       "*-quickgelu models), pass config= with \"quick_gelu\": true.", ckpt.file)
-    return inferred, "inferred from shapes"
+                       "*-quickgelu models), pass config= with \"quick_gelu\": true.%s", ckpt.file, hint)
+    return config, source
 
 
 def _with_sizes(config: ClipConfig, image_size: int | None, context_length: int | None) -> ClipConfig:

@@ -81,8 +81,10 @@ def _offline() -> bool:
 
 
 def _is_repo_id(name: str) -> bool:
+    """org/name, and not a mistyped local path (an existing first folder, or a file suffix)."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(parts[0]).exists()
+            and not name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
 
 
 def resolve(name_or_path: str | Path) -> Path:

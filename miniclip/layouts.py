@@ -8,18 +8,14 @@ OpenAI TorchScript, Hugging Face CLIPModel / ChineseCLIPModel folders (convert_h
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import torch
 
 from .checkpoint_io import (OPENAI_EXTRA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict)
 from .config import ClipConfig
 from .infer import config_from_open_clip
 
-logger = logging.getLogger(__name__)
 
 Format = Literal["auto", "miniclip", "tinyclip", "open_clip", "openai", "hf_clip", "cn_clip", "hf_chinese_clip"]
 ExportFormat = Literal["miniclip", "hf", "open_clip"]
@@ -40,9 +36,9 @@ IGNORABLE = {
 # Model entries that may be absent from a checkpoint: BatchNorm's step counter (only used with momentum=None;
 # OpenAI's RN50 files predate it), left at the model's value.
 OPTIONAL_MODEL_SUFFIXES = ("num_batches_tracked",)
-# Activation convention per layout when the checkpoint carries no config (CLIP paper's QuickGELU for OpenAI and
-# Chinese-CLIP; TinyCLIP and LAION's open_clip models use GELU).
-QUICK_GELU = {"openai": True, "cn_clip": True, "tinyclip": False, "open_clip": False, "miniclip": False}
+# Activation convention of the layouts that have one, for checkpoints that carry no config: QuickGELU (CLIP paper)
+# for OpenAI and Chinese-CLIP, GELU for TinyCLIP. open_clip / miniclip state dicts have none: GELU with a warning.
+QUICK_GELU = {"openai": True, "cn_clip": True, "tinyclip": False}
 
 
 def is_ignorable(key: str) -> bool:

@@ -3,7 +3,6 @@ reshaped tensors, wrong dtypes, non-tensors, truncated / empty / foreign files, 
 configs or formats). Each must raise the documented error naming the file and the problem, copy nothing into a
 model, and run no code."""
 import io
-import os
 import pickle
 import random
 import re

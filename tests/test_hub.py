@@ -199,4 +199,6 @@ def test_paths_win_and_unknown_names_list_known_ones(tmp_path):
     assert resolve(tmp_path) == tmp_path
     with pytest.raises(FileNotFoundError, match="Known names: .*TinyCLIP-ViT-40M-32-Text-19M-LAION400M"):
         resolve("no-such-model")
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):  # a typo, not a hub repo id
+        resolve("checkpoints/epoch_3.pt")
     assert "OpenAI-ViT-B-32" in list_known_names() and "ChineseCLIP-ViT-B-16" in list_known_names()
