@@ -19,7 +19,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import transformers
 from transformers import HfArgumentParser, set_seed
@@ -133,6 +132,13 @@ class RunResult:
     trainer: ClipTrainer
 
 
+def default_run_args() -> dict:
+    """DEFAULT_RUN, updated by `miniclip.synthetic.DEFAULT_RUN_ARGS` when the synthetic set's module tunes it
+    (the hyperparameters that suit the set live next to it)."""
+    from miniclip import synthetic
+    return {**DEFAULT_RUN, **getattr(synthetic, "DEFAULT_RUN_ARGS", {})}
+
+
 def _read_args_file(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"arguments file not found: {path}")
@@ -161,10 +167,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ClipTrai
     if len(argv) == 1 and argv[0].endswith(ARGS_FILE_SUFFIXES):
         values = _read_args_file(Path(argv[0]))
         default_run = not values.get("train_file")
-        return (*parser.parse_dict({**DEFAULT_RUN, **values} if default_run else values), default_run)
+        return (*parser.parse_dict({**default_run_args(), **values} if default_run else values), default_run)
     default_run = not any(a == "--train_file" or a.startswith("--train_file=") for a in argv)
     # Defaults first: argparse keeps the last occurrence, so the user's own flags win.
-    full = (_as_argv(DEFAULT_RUN) + list(argv)) if default_run else list(argv)
+    full = (_as_argv(default_run_args()) + list(argv)) if default_run else list(argv)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=full)
     return model_args, data_args, training_args, default_run
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +120,9 @@ class ClipTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [LogitScaleClampCallback(), CurvesCallback()]
         if unlock_image_step is not None:
+            if args is not None and args.ddp_find_unused_parameters is False:
+                raise ValueError("unlock_image_step needs ddp_find_unused_parameters (the locked image tower gets "
+                                 "no gradient in stage 1); leave it unset (MiniClip defaults to True) or set True")
             callbacks.append(TwoStageCallback(self._staged_image_params(model, unlock_image_step), unlock_image_step))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self.model_accepts_loss_kwargs = False  # MiniClip.forward takes **unused; no token-count normalisation
@@ -184,10 +186,12 @@ class ClipTrainer(Trainer):
                 "data around this step.")
 
     def _cached_feature_step(self, model, inputs) -> torch.Tensor:
-        """open_clip's --accum-freq (in the spirit of GradCache, Gao et al. 2021): features of all k micro-batches without autograd, then each
-        micro-batch again with autograd, its fresh features spliced among the cached ones. The gradients sum to
-        exactly those of one k-times larger batch: each pass gives the full-batch gradient through its own
-        micro-batch, and the temperature (which every pass sees) keeps its gradient in the last pass only.
+        """open_clip's --accum-freq (in the spirit of GradCache, Gao et al. 2021): features of all k micro-batches
+        without autograd, then each micro-batch again with autograd, its fresh features spliced among the cached
+        ones. The gradients sum to exactly those of one k-times larger batch: each pass gives the full-batch gradient
+        through its own micro-batch, and the temperature (which every pass sees) keeps its gradient in the last pass
+        only. BatchNorm in train mode sees micro-batch statistics (and updates its running ones twice per step):
+        exact for ViTs, LayerNorm towers and frozen BatchNorm.
         The RNG state is replayed per micro-batch so dropout masks match between the two passes."""
         model.train()
         inputs = self._prepare_inputs(inputs)

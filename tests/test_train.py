@@ -1,5 +1,6 @@
 """train.py end to end on caption files and images made here: a few steps through main(), arguments files, every
-kind of bad sample under both policies, exact resume after SIGKILL, and 2 gloo processes (torchrun) against one process with the double batch."""
+kind of bad sample under both policies, exact resume after SIGKILL, and 2 gloo processes (torchrun) against one
+process with the double batch."""
 import json
 import logging
 import os
