@@ -46,10 +46,14 @@ def _flags(out: Path, **overrides) -> list[str]:
     return [item for k, v in values.items() for item in (f"--{k}", str(v))]
 
 
-def test_main_trains_a_few_steps_and_saves_a_loadable_model(tmp_path):
+def test_main_trains_a_few_steps_and_saves_a_loadable_model(tmp_path, caplog):
     train_file = make_caption_set(tmp_path)
+    caplog.set_level(logging.INFO, logger="miniclip")
     result = train.main(_flags(tmp_path / "out", train_file=train_file, validation_file=train_file,
-                               max_steps=3, save_strategy="steps", save_steps=2))
+                               max_steps=3, save_strategy="steps", save_steps=2, unlock_image_step=2,
+                               init_logit_scale=2.0, learn_logit_scale=False))
+    assert "step 2: image tower unlocked" in caplog.text  # two-stage, through the command line
+    assert result.trainer.model.logit_scale.logit_scale.item() == 2.0  # not learnt
     out = result.output_dir
     for name in ("model.safetensors", "model_config.json", "tokenizer_config.json", "loss_curve.png",
                  "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt", "eval_results.json"):
@@ -65,12 +69,15 @@ def test_arguments_file_yaml_and_json(tmp_path):
     train_file = make_caption_set(tmp_path)
     values = {"model_config": "tiny-vit", "train_file": str(train_file), "output_dir": str(tmp_path / "out"),
               "max_steps": 1, "per_device_train_batch_size": 4, "use_cpu": True, "loss": "siglip",
-              "caption_mode": "all", "lock_text": True, "disable_tqdm": True}
+              "caption_mode": "all", "lock_text": True, "image_size": 32, "disable_tqdm": True}
     yaml_file = tmp_path / "args.yaml"
     yaml_file.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items()) + "\n")
     result = train.main([str(yaml_file)])
     assert result.trainer.state.global_step == 1 and result.trainer.model.logit_bias is not None
     assert len(result.trainer.train_dataset) == 16  # caption_mode all: 8 images x 2 captions
+    assert result.trainer.train_dataset[0]["pixel_values"].shape == (3, 32, 32)
+    assert MiniClip.from_pretrained(result.output_dir).config.vision_cfg.image_size == 32
+    assert not any(p.requires_grad for p in result.trainer.model.text_encoder.parameters())
     json_file = tmp_path / "args.json"
     json_file.write_text(json.dumps({**values, "loss": "triplet"}))
     with pytest.raises(ValueError, match="loss='triplet' is not one of"):
@@ -82,6 +89,18 @@ def test_no_data_arguments_is_the_default_run():
     assert default_run and data_args.train_file is None and model_args.model_config
     assert training_args.output_dir == "output/default" and training_args.num_train_epochs == 1  # user flag wins
     assert training_args.report_to in ([], ["none"], "none") and training_args.use_cpu
+
+
+def test_resume_latest_skips_incomplete_checkpoints(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6: killed while being written
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert train.resolve_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert train.resolve_checkpoint("latest", str(tmp_path / "empty")) is None  # a fresh job just starts
+    with pytest.raises(FileNotFoundError, match="checkpoint-6"):
+        train.resolve_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
 # --- bad samples ------------------------------------------------------------------------------------------------------
