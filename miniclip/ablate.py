@@ -7,7 +7,9 @@ written by ablation_report.py. Leaves out on purpose: running several runs at on
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -207,10 +209,15 @@ def resolve_args(train, values: dict, where: str) -> dict:
             close = difflib.get_close_matches(key, known, n=3)
             raise ValueError(f"{where}: {key!r} is not a train.py argument" + (f"; did you mean {close}?" if close
                              else ". See `python train.py --help`"))
+    usage = io.StringIO()
     try:
-        parsed = train.parse_args(_as_argv({**values, "output_dir": tempfile.gettempdir()}))[:3]
+        with contextlib.redirect_stderr(usage):  # argparse prints its complaint and exits: keep the complaint only
+            parsed = train.parse_args(_as_argv({**values, "output_dir": tempfile.gettempdir()}))[:3]
     except (ValueError, SystemExit) as e:
-        raise ValueError(f"{where}: train.py refuses these arguments: {e}. Fix the value in the grid") from None
+        reason = str(e) if isinstance(e, ValueError) else usage.getvalue().strip().splitlines()[-1]
+        if "'False'" in reason or "'True'" in reason:
+            reason += " (YAML reads unquoted no / yes / off / on as booleans: quote them, e.g. save_strategy: \"no\")"
+        raise ValueError(f"{where}: train.py refuses these arguments: {reason}. Fix the value in the grid") from None
     return {key: _jsonable(next(getattr(p, key) for p in parsed if hasattr(p, key))) for key in values}
 
 
@@ -225,8 +232,8 @@ def plan_runs(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT) -> li
     train = _load_train_module(Path(train_script))
     launcher = ["accelerate", *grid.launcher_args] if grid.launcher == "accelerate" else ["python"]
     runs = []
-    for variant, overrides in grid.variants.items():
-        for seed in grid.seeds:
+    for seed in grid.seeds:  # seed-major: a grid stopped early still has every variant for the first seeds
+        for variant, overrides in grid.variants.items():
             args = {**grid.base, **overrides, "seed": seed}
             key = run_key(resolve_args(train, args, f"{grid.path}: variant {variant!r}, seed {seed}"), launcher)
             found = sorted((grid.output_dir / "runs").glob(f"*-{key}"))
