@@ -1,9 +1,10 @@
 """Loading published CLIP checkpoints into `MiniClip` with every tensor accounted for, and saving models back out.
 
 `load_pretrained` = resolve a name or path (hub.py) -> read and rename the layout (layouts.py) -> pick the config
-(given, stored, or inferred from shapes: infer.py) -> resize position embeddings (resize.py) -> validate strictly ->
-copy in place. Nothing is copied until every tensor is matched: never a partial load. Leaves out on purpose: loading
-a subset of towers (`strict=False`), device placement and precision (`model.to(...)` after loading).
+(given, stored, or inferred from shapes: infer.py) -> resize position embeddings (resize.py) -> validate strictly
+against a meta-device skeleton -> fill a model whose parameters start on meta. Nothing is copied until every tensor
+is matched: never a partial load. Leaves out on purpose: loading a subset of towers (`strict=False`), device
+placement and precision (`model.to(...)` after loading).
 """
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
         skeleton = MiniClip(chosen)
     check_fits(skeleton, ckpt, source)
+    expected = skeleton.state_dict()
+    ignored = sorted(set(ckpt.ignored) | {ckpt.origin.get(k, k) for k in ckpt.state if k not in expected})
     model = _empty_model(chosen)
     _copy_into(model, ckpt.state)
     model.checkpoint_dir = ckpt.directory
     model.load_info = {"file": str(ckpt.file), "layout": ckpt.layout, "config_source": source,
-                       "ignored": sorted(ckpt.ignored), "resized": resized}
+                       "ignored": ignored, "resized": resized}
     logger.info("loaded %s (layout %s, config %s)", ckpt.file, ckpt.layout, source)
     return model.eval()
 
@@ -71,7 +74,7 @@ def load_model_and_tokenizer(name_or_path: str | Path, **kwargs):
 # --- config -----------------------------------------------------------------------------------------------------------
 def _known_config_like(inferred: ClipConfig) -> ClipConfig | None:
     """A shipped model config with exactly the inferred shapes (ignoring sizes that resizing changes): it also
-    knows what shapes cannot tell, the head width and usually the activation."""
+    knows what shapes cannot tell, the attention head width."""
     target = _shape_signature(inferred)
     for name in list_model_configs():
         try:
