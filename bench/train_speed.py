@@ -225,7 +225,7 @@ def table(measured: dict, args) -> str:
             mfu = speed * gflop * 1e9 / peaks[precision] * 100 if gflop else None
             rows.append([precision, impl, fmt(speed), spread(runs, "samples_per_s"),
                          f"{median(ours, 'samples_per_s') / speed:.2f}x" if ours else "-", fmt(mem, 0),
-                         f"{median(ours, 'peak_mb') / mem:.2f}" if ours else "-", fmt(gflop, 1), fmt(mfu, 0),
+                         f"{median(ours, 'peak_mb') / mem:.2f}" if ours else "-", f"{gflop:.3g}" if gflop else "-", fmt(mfu, 1),
                          fmt(median(runs, "warmup_s"), 1)])
     mem_kind = "CUDA max allocated" if args.device == "cuda" else "peak RSS of the process"
     head = (f"Training, {args.config}, batch {args.batch}, {args.device}, {args.threads} threads, median of "
