@@ -3,7 +3,7 @@ every (variant, seed) runs train.py in its own subprocess and output folder, key
 arguments, so finished runs are reused and an interrupted grid resumes. The results (ablation.md / .csv / .png) are
 written by ablation_report.py. Leaves out on purpose: running several runs at once and cluster schedulers.
 
-    python -m miniclip.ablate examples/grids/synthetic.yaml [--launcher accelerate --launcher_args "--num_processes 2"]
+    python -m miniclip.ablate examples/grids/synthetic.yaml [--launcher torchrun --launcher_args "--nproc_per_node 2"]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .checkpoint_io import atomic_write_text
 from .config import _check_literal
 
-Launcher = Literal["python", "accelerate"]
+Launcher = Literal["python", "accelerate", "torchrun"]
 GRID_KEYS = ("name", "description", "output_dir", "base", "variants", "seeds", "metrics", "curve_metric",
              "launcher", "launcher_args")
 MANAGED = ("output_dir", "seed", "resume_from_checkpoint")  # set by the grid for each run, never by the YAML
@@ -44,10 +44,12 @@ class AblateArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where runs and tables go (default: the grid's "
                                                                      "output_dir, else output/ablate/<grid name>)."})
     launcher: Launcher | None = field(default=None, metadata={"help": (
-        "'python': `python train.py ...`; 'accelerate': `accelerate launch [launcher_args] train.py ...` "
+        "'python': `python train.py ...`; 'accelerate': `accelerate launch [launcher_args] train.py ...`; "
+        "'torchrun': `torchrun [launcher_args] train.py ...` (several CPU processes with gloo) "
         "(default: the grid's launcher, else python). Part of each run's key.")})
     launcher_args: str | None = field(default=None, metadata={"help": (
-        "Extra arguments of `accelerate launch`, one string, e.g. \"--num_processes 2 --cpu\". Part of each run's key.")})
+        "Extra launcher arguments, one string, e.g. \"--multi_gpu --num_processes 4\" (accelerate) or "
+        "\"--nproc_per_node 2\" (torchrun). Part of each run's key.")})
     train_script: str = field(default=str(DEFAULT_TRAIN_SCRIPT), metadata={"help": "The train.py to run."})
     dry_run: bool = field(default=False, metadata={"help": "List the runs and whether each is finished; train nothing."})
     report_only: bool = field(default=False, metadata={"help": "Write the tables and plot from the finished runs only."})
@@ -230,11 +232,12 @@ def plan_runs(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT) -> li
     """Every (variant, seed) with its arguments, key and folder: an existing folder with the same key (a renamed
     variant) is reused."""
     train = _load_train_module(Path(train_script))
-    launcher = ["accelerate", *grid.launcher_args] if grid.launcher == "accelerate" else ["python"]
+    launcher = [grid.launcher, *grid.launcher_args] if grid.launcher != "python" else ["python"]
     runs = []
     for seed in grid.seeds:  # seed-major: a grid stopped early still has every variant for the first seeds
         for variant, overrides in grid.variants.items():
-            args = {**grid.base, **overrides, "seed": seed}
+            # null in a variant removes a base argument (train.py's default applies): e.g. model_config: null
+            args = {k: v for k, v in {**grid.base, **overrides, "seed": seed}.items() if v is not None}
             key = run_key(resolve_args(train, args, f"{grid.path}: variant {variant!r}, seed {seed}"), launcher)
             found = sorted((grid.output_dir / "runs").glob(f"*-{key}"))
             folder = next((f for f in found if (f / DONE).is_file()), None) or (
@@ -249,6 +252,8 @@ def run_command(run: Run, grid: Grid, train_script: str | Path) -> list[str]:
     argv = _as_argv({**run.args, "output_dir": str(run.dir), "resume_from_checkpoint": "latest"})
     if grid.launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", *grid.launcher_args, str(train_script), *argv]
+    if grid.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *grid.launcher_args, str(train_script), *argv]
     return [sys.executable, str(train_script), *argv]
 
 

@@ -126,16 +126,23 @@ def test_crashing_run_does_not_stop_the_grid(tmp_path, shapes):
 def test_run_keys_follow_resolved_arguments(tmp_path, shapes):
     """1e-3 (a string to YAML 1.1) and 0.001 are the same run; key order does not matter; any change is a new run."""
     grid = _grid(tmp_path, shapes, "variants:\n  a: {}\n  same: {learning_rate: 0.001, max_steps: 3}\n"
-                 "  other_lr: {learning_rate: 0.002}\n  siglip: {loss: siglip}\nseeds: [0, 1]\n")
+                 "  other_lr: {learning_rate: 0.002}\n  siglip: {loss: siglip}\n  default_lr: {learning_rate: null}\n"
+                 "seeds: [0, 1]\n")
     runs = ablate.plan_runs(ablate.load_grid(grid))
     keys = {(r.variant, r.seed): r.key for r in runs}
     assert keys[("a", 0)] == keys[("same", 0)] and keys[("a", 1)] == keys[("same", 1)]
     assert len({keys[(v, 0)] for v in ("a", "other_lr", "siglip")} | {keys[("a", 1)]}) == 4
     assert runs[0].dir.name == f"a-s0-{keys[('a', 0)]}"
+    unset = next(r for r in runs if r.variant == "default_lr")
+    assert "learning_rate" not in unset.args and unset.key not in (keys[("a", 0)], keys[("other_lr", 0)])
     assert [(r.variant, r.seed) for r in runs[:4]] == [("a", 0), ("same", 0), ("other_lr", 0), ("siglip", 0)]
+    assert ablate.run_command(runs[0], ablate.load_grid(grid), "train.py")[1:3] == ["train.py", "--model_config"]
     launched = ablate.load_grid(grid)
     launched.launcher, launched.launcher_args = "accelerate", ["--num_processes", "2"]
     assert ablate.plan_runs(launched)[0].key != keys[("a", 0)]  # 2 processes = 2x the global batch: another run
+    launched.launcher, launched.launcher_args = "torchrun", ["--nproc_per_node", "2"]
+    command = ablate.run_command(runs[0], launched, "train.py")
+    assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py"]
 
 
 @pytest.mark.parametrize("body,message", [
