@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     set_seed(training_args.seed)
     if default_run:
         default_run_data(data_args)
+        if training_args.use_cpu and training_args.dataloader_num_workers:
+            import torch  # leave the decoding workers their cores: on 2 cores, 2 compute threads + 1 worker thrash
+            torch.set_num_threads(max(1, torch.get_num_threads() - training_args.dataloader_num_workers))
     from miniclip.data import ClipCollator, EpochCallback, build_dataset
     from miniclip.transforms import image_transform
 
