@@ -6,10 +6,14 @@
 #   examples/flickr8k_from_scratch.sh [DATA_DIR] [OUTPUT_DIR]    # DATA_DIR holds flickr8k/{en,zh}_*.json
 #   MAX_STEPS=2000 LANGS=zh examples/flickr8k_from_scratch.sh /data
 #
-# Environment: MAX_STEPS (default 2000, about 21 epochs), BATCH (64), LR (2e-3), LANGS ("en zh"), OMP_NUM_THREADS (1: on a 2-core
-# machine one core computes while the dataloader worker decodes on the other; raise it on bigger machines), and
-# any extra train.py flags in EXTRA_ARGS. Tiny models on 8k images learn coarse matches only: expect recall a few times chance, not a useful
-# retrieval model (that needs a pretrained checkpoint: see --pretrained in train.py).
+# Environment: MAX_STEPS (default 2000, about 21 epochs), BATCH (64), LR (2e-3), LANGS ("en zh"), OMP_NUM_THREADS
+# (1: on a 2-core machine one core computes while the dataloader worker decodes on the other; raise it on bigger
+# machines), and any extra train.py flags in EXTRA_ARGS.
+#
+# Tiny models on 8k images learn coarse matches only: recall a few times chance, not a useful retrieval model (that
+# needs a pretrained checkpoint: see --pretrained in train.py). Measured with the defaults on the 2-core CPU machine
+# shared with other jobs (8.7 min for both languages): test t2i R@5 3.84 (en) / 3.44 (zh), R@10 6.88 / 5.76,
+# median rank 156 / 196 of 1000.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
