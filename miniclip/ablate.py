@@ -276,7 +276,7 @@ def execute(run: Run, grid: Grid, train_script: str | Path, show_output: bool = 
     atomic_write_text(run.dir / SPEC, json.dumps({"variant": run.variant, "seed": run.seed, "key": run.key,
                                                   "args": run.args, "command": command}, indent=2) + "\n")
     start = time.time()
-    with open(run.dir / LOG, "w", encoding="utf-8") as log:
+    with open(run.dir / LOG, "w", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` works
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in process.stdout:
