@@ -46,6 +46,9 @@ class ModelArguments:
                                                                      "detects it)."})
     image_size: int | None = field(default=None, metadata={"help": (
         "Train at this image size (position embeddings of a pretrained ViT are interpolated).")})
+    context_length: int | None = field(default=None, metadata={"help": (
+        "Text context length in tokens (a pretrained tower's position embeddings are truncated or extended; "
+        "captions are tokenized to this length).")})
     lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (LiT, Zhai et al. 2022)."})
     lock_image_unlocked_groups: int = field(default=0, metadata={"help": (
         "With --lock_image: leave this many last layer groups of the image tower trainable.")})
@@ -187,7 +190,8 @@ def build_model(args: ModelArguments):
     bias = args.init_logit_bias if args.init_logit_bias is not None else (-10.0 if siglip else None)
     if args.pretrained is not None:
         model, tokenizer = load_model_and_tokenizer(args.pretrained, config=args.model_config,
-                                                    format=args.pretrained_format, image_size=args.image_size)
+                                                    format=args.pretrained_format, image_size=args.image_size,
+                                                    context_length=args.context_length)
         model.train()
         if args.init_logit_scale is not None:
             with torch.no_grad():
@@ -199,6 +203,8 @@ def build_model(args: ModelArguments):
         data = load_model_config(args.model_config).to_dict()
         if args.image_size is not None:
             data["vision_cfg"]["image_size"] = args.image_size
+        if args.context_length is not None:
+            data["text_cfg"]["context_length"] = args.context_length
         if args.init_logit_scale is not None:
             data["init_logit_scale"] = args.init_logit_scale
         elif siglip:

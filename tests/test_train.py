@@ -225,3 +225,18 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, loss):
     set_seed(0)  # main() seeds, then builds the model: the same initial weights
     initial = MiniClip(one.trainer.model.config).state_dict()
     assert max((initial[k] - got[k]).abs().max().item() for k in got) > 1e-4  # training moved them
+
+
+def test_context_length_from_scratch_and_pretrained(tmp_path):
+    """--context_length sets the text tower's positions (from scratch) or truncates a checkpoint's (finetune)."""
+    train_file = make_caption_set(tmp_path)
+    scratch = train.main(_flags(tmp_path / "scratch", train_file=train_file, context_length=12))
+    model = MiniClip.from_pretrained(scratch.output_dir)
+    assert model.config.text_cfg.context_length == 12
+    assert model.text_encoder.positional_embedding.shape[0] == 12
+    flags = _flags(tmp_path / "ft", train_file=train_file, pretrained=scratch.output_dir, context_length=8)
+    del flags[:2]  # no --model_config: the checkpoint's own architecture
+    finetuned = train.main(flags)
+    shorter = MiniClip.from_pretrained(finetuned.output_dir)
+    assert shorter.config.text_cfg.context_length == 8
+    assert shorter.text_encoder.positional_embedding.shape[0] == 8
