@@ -59,6 +59,11 @@ class SyntheticSpec:
     seed: int = 0
     version: int = VERSION
 
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test", "image_size", "captions_per_language"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SyntheticSpec.{name}={getattr(self, name)} must be >= 1 (every split needs images)")
+
 
 @dataclass(frozen=True)
 class SyntheticData:

@@ -4,6 +4,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from miniclip.captions import read_caption_file
@@ -86,3 +87,9 @@ def _attributes(captions):
     words = set(english.lower().split())
     return tuple(sorted(words & {"circle", "square", "triangle", "star", "diamond", "red", "green", "blue", "yellow",
                                  "purple", "orange", "left", "right", "top", "bottom", "center", "small", "big"}))
+
+
+def test_empty_split_is_refused_up_front():
+    from miniclip.synthetic import SyntheticSpec
+    with pytest.raises(ValueError, match=r"SyntheticSpec.n_test=0 must be >= 1"):
+        SyntheticSpec(n_test=0)
