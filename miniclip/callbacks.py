@@ -38,6 +38,18 @@ class LogitScaleClampCallback(TrainerCallback):
         clamp_logit_scale(model)
 
 
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops the run on a NaN / inf loss at the Trainer's own sync points (log, save, evaluate, end), so the check
+    costs no host sync per step and no diverged checkpoint is written. The trainer records the first bad step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.trainer.raise_if_nonfinite()
+
+
 class TwoStageCallback(TrainerCallback):
     """Chinese-CLIP's two-stage pretraining (Yang et al. 2022): the image tower stays locked until optimizer
     step `unlock_step`, then trains with the rest.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .callbacks import CurvesCallback, LogitScaleClampCallback, TwoStageCallback
+from .callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback, TwoStageCallback
 from .captions import CaptionRecord
 from .config import _check_literal
 from .loss import build_loss
@@ -118,13 +118,14 @@ class ClipTrainer(Trainer):
                              "config (SigLIP uses -10) or pass --init_logit_bias -10 to train.py")
         _check_records(kwargs.get("eval_dataset"), "eval_dataset")
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [LogitScaleClampCallback(), CurvesCallback()]
+        callbacks += [LogitScaleClampCallback(), NonFiniteLossCallback(self), CurvesCallback()]
         if unlock_image_step is not None:
             if args is not None and args.ddp_find_unused_parameters is False:
                 raise ValueError("unlock_image_step needs ddp_find_unused_parameters (the locked image tower gets "
                                  "no gradient in stage 1); leave it unset (MiniClip defaults to True) or set True")
             callbacks.append(TwoStageCallback(self._staged_image_params(model, unlock_image_step), unlock_image_step))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        self._first_nonfinite = None  # (step, loss) device tensors, see _note_nonfinite
         self.model_accepts_loss_kwargs = False  # MiniClip.forward takes **unused; no token-count normalisation
         self.loss_fn = build_loss(loss, local_loss=getattr(self.args, "local_loss", False),
                                   gather_with_grad=getattr(self.args, "gather_with_grad", True))
@@ -171,19 +172,33 @@ class ClipTrainer(Trainer):
             loss = self._cached_feature_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self._check_finite(loss)
+        self._note_nonfinite(loss)
         return loss
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        if self.accelerator.num_processes > 1:  # stop every process together, not one while the others wait
-            bad = self.accelerator.reduce(bad.float().reshape(1), reduction="sum") > 0
-        if bool(bad):
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is NaN / inf, as device tensors: no host sync on the hot path.
+        `raise_if_nonfinite` (run by NonFiniteLossCallback whenever the Trainer logs, saves, evaluates or stops)
+        reads it, so a diverged run stops before its weights are saved and the message still names the step."""
+        loss = loss.detach().float()
+        if self._first_nonfinite is None:
+            self._first_nonfinite = (torch.full((), -1, device=loss.device), torch.zeros((), device=loss.device))
+        step, value = self._first_nonfinite
+        new = ~torch.isfinite(loss) & (step < 0)
+        self._first_nonfinite = (torch.where(new, self.state.global_step + 1, step), torch.where(new, loss, value))
+
+    def raise_if_nonfinite(self) -> None:
+        if self._first_nonfinite is None:
+            return
+        found = torch.stack([v.float() for v in self._first_nonfinite]).reshape(1, 2)  # (1, 2): step, loss
+        if self.accelerator.num_processes > 1:  # every process stops together, not one while the others wait
+            found = self.accelerator.gather(found)  # (W, 2)
+        bad = found[found[:, 0] >= 0]
+        if len(bad):
+            step, value = bad[bad[:, 0].argmin()].tolist()
             raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at step {self.state.global_step + 1} (epoch "
-                f"{self.state.epoch or 0:.2f}); training stopped instead of diverging silently. Fix: lower the "
-                "learning_rate or raise warmup_steps, set max_grad_norm, use bf16 rather than fp16, and check the "
-                "data around this step.")
+                f"the training loss is {value} at step {int(step)}; training stopped instead of diverging "
+                "silently. Fix: lower the learning_rate or raise warmup_steps, set max_grad_norm, use bf16 rather "
+                "than fp16, and check the data around this step.")
 
     def _cached_feature_step(self, model, inputs) -> torch.Tensor:
         """open_clip's --accum-freq (in the spirit of GradCache, Gao et al. 2021): features of all k micro-batches
