@@ -12,8 +12,8 @@ import torch
 from transformers import ChineseCLIPConfig
 
 from .config import ClipConfig, PreprocessConfig, TextConfig
-from .convert_hf import (IGNORED_BUFFERS, VISION_NAMES, activation_from_hf, check_hf_exportable, check_model_type,
-                         hf_tower_to_open_clip, open_clip_tower_to_hf, pop_required, put, transposed,
+from .convert_hf import (IGNORED_BUFFERS, VISION_NAMES, activation_from_hf, add_hf_heads, check_hf_exportable,
+                         check_model_type, hf_tower_to_open_clip, open_clip_tower_to_hf, put, transposed,
                          vision_config_from_hf, vision_config_to_hf)
 
 Tensor = torch.Tensor
@@ -99,13 +99,7 @@ def miniclip_to_hf_chinese_clip(state: dict[str, Tensor], config: ClipConfig) ->
     open_clip_tower_to_hf(state, "image_encoder.visual.", "vision_model.", VISION_NAMES, out)
     for key in [k for k in state if k.startswith("text_encoder.bert.")]:
         out["text_model." + key.removeprefix("text_encoder.bert.")] = state.pop(key)
-    out["visual_projection.weight"] = transposed(pop_required(state, "image_encoder.visual.proj"))
-    out["text_projection.weight"] = transposed(pop_required(state, "text_encoder.text_projection"))
-    out["logit_scale"] = pop_required(state, "logit_scale.logit_scale")
-    if state:
-        raise ValueError(f"no ChineseCLIPModel name for MiniClip key(s) {sorted(state)[:5]} ({len(state)} in all); "
-                         "was the state dict made by MiniClip(config) for this config?")
-    return out
+    return add_hf_heads(state, out, "ChineseCLIPModel")
 
 
 def hf_chinese_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:

@@ -174,11 +174,17 @@ def miniclip_to_hf_clip(state: dict[str, Tensor], config: ClipConfig) -> dict[st
     state, out = dict(state), {}
     open_clip_tower_to_hf(state, "image_encoder.visual.", "vision_model.", VISION_NAMES, out)
     open_clip_tower_to_hf(state, "text_encoder.", "text_model.", TEXT_NAMES, out)
+    return add_hf_heads(state, out, "CLIPModel")
+
+
+def add_hf_heads(state: dict[str, Tensor], out: dict[str, Tensor], target: str) -> dict[str, Tensor]:
+    """The parts both HF exports share: projections (Linear weights, transposed) and the logit scale; then every
+    MiniClip key must have been used."""
     out["visual_projection.weight"] = transposed(pop_required(state, "image_encoder.visual.proj"))
     out["text_projection.weight"] = transposed(pop_required(state, "text_encoder.text_projection"))
     out["logit_scale"] = pop_required(state, "logit_scale.logit_scale")
     if state:
-        raise ValueError(f"no CLIPModel name for MiniClip key(s) {sorted(state)[:5]} ({len(state)} in all); "
+        raise ValueError(f"no {target} name for MiniClip key(s) {sorted(state)[:5]} ({len(state)} in all); "
                          "was the state dict made by MiniClip(config) for this config?")
     return out
 
