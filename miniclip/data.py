@@ -16,12 +16,11 @@ from typing import Any, Callable, Literal, get_args
 import datasets
 import numpy as np
 import torch
-from PIL import Image
 from transformers import TrainerCallback
 
 from .captions import BadSamplePolicy, CaptionRecord, read_caption_file
 from .config import ClipConfig
-from .transforms import image_transform, to_rgb
+from .transforms import image_transform, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +34,6 @@ class ImageDecodeError(ValueError):
 def _check(value, literal, what: str) -> None:
     if value not in get_args(literal):
         raise ValueError(f"{what}={value!r} is not one of {list(get_args(literal))}")
-
-
-def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Open, decode and convert to RGB. With `draft_size`, a JPEG at least twice that size on both sides is decoded
-    at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL `Image.draft`), never below `draft_size` on either side:
-    several times cheaper than a full decode, and the following bicubic resize gives nearly the same pixels
-    (tests/test_data.py bounds the difference)."""
-    with Image.open(path) as image:
-        if draft_size and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        image = to_rgb(image)
-        image.load()  # decode now, while the file is open (to_rgb returns RGB images unchanged, still lazy)
-    return image
 
 
 def caption_choice(seed: int, epoch: int, index: int, n_captions: int) -> int:

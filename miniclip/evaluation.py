@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .captions import CaptionRecord
 from .metrics import retrieval_metrics
+from .transforms import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,12 @@ class UnreadableImageError(ValueError):
 
 
 def open_image(path: str | Path, min_size: int | None = None) -> Image.Image:
-    """Open and fully decode an image. With `min_size`, a JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) whose
-    shorter side stays >= min_size (PIL's `Image.draft`), which is several times faster for large photos and gives
-    the transform the same pixels it would get after its own downscale, to within resampling."""
+    """`transforms.load_image` (RGB; JPEGs decoded at a reduced scale that keeps both sides >= min_size), with an
+    unreadable file reported as `UnreadableImageError` naming it."""
     try:
-        image = Image.open(path)
-        if min_size is not None and image.format == "JPEG":
-            scale = min(image.size) / min_size
-            if scale >= 2:
-                image.draft("RGB", (max(1, int(image.size[0] / scale)), max(1, int(image.size[1] / scale))))
-        image.load()
+        return load_image(path, draft_size=min_size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UnreadableImageError(f"cannot read image {path}: {e}") from None
-    return image
 
 
 def model_device_dtype(model: torch.nn.Module, device=None, dtype=None) -> tuple[torch.device, torch.dtype | None]:
