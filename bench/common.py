@@ -98,3 +98,26 @@ def machine_line(threads: int, device: str = "cpu") -> str:
     else:
         where = f"CPU, {threads} threads of {os.cpu_count()} cores"
     return f"torch {torch.__version__}, {where}, load average at start {load_average():.2f}"
+
+
+def bench_main(doc: str, add_args, worker, measure_all, table, worker_metavar: tuple[str, str], extra=None) -> None:
+    """The command line every bench script shares: `--worker A B` runs one measurement in this (fresh) process and
+    prints it as JSON; otherwise wait for a quiet CPU, run all measurements interleaved, print the table.
+    `extra(parser)` adds script-only flags and returns a function that handles them (True = handled)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    p.add_argument("--worker", nargs=2, metavar=worker_metavar, help=argparse.SUPPRESS)
+    handle_extra = extra(p) if extra else None
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args)))
+        return
+    if handle_extra and handle_extra(args):
+        return
+    device = getattr(args, "device", "cpu")
+    if device == "cpu" and not args.no_wait:
+        wait_for_quiet()
+    print(machine_line(args.threads, device))
+    print(table(measure_all(args), args))

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (REPO, fmt, interleave, machine_line, markdown_table, median, peak_rss_mb,  # noqa: E402
-                          run_worker, spread, wait_for_quiet)
+from bench.common import (bench_main, REPO, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
+                          run_worker, spread)
 
 IMPLS = ("miniclip", "open_clip")
 ABLATIONS = ("miniclip+nodraft", "miniclip+workers2")
@@ -139,19 +139,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    p.add_argument("--worker", nargs=2, metavar=("IMPL", "CAPTION_FILE"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker, args)))
-        return
-    if not args.no_wait:
-        wait_for_quiet()
-    print(machine_line(args.threads))
-    print(table(measure_all(args), args))
-
+    bench_main(__doc__, add_args, worker, measure_all, table, ("IMPL", "CAPTION_FILE"))
 
 if __name__ == "__main__":
     main()

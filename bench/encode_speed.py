@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (captions, fmt, interleave, machine_line, markdown_table, median, peak_rss_mb,  # noqa: E402
-                          run_worker, spread, wait_for_quiet)
+from bench.common import (bench_main, captions, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
+                          run_worker, spread)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
 ABLATIONS = ("miniclip+bf16w",)
@@ -125,19 +124,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    p.add_argument("--worker", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker, args)))
-        return
-    if args.device == "cpu" and not args.no_wait:
-        wait_for_quiet()
-    print(machine_line(args.threads, args.device))
-    print(table(measure_all(args), args))
-
+    bench_main(__doc__, add_args, worker, measure_all, table, ("IMPL", "PRECISION"))
 
 if __name__ == "__main__":
     main()

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (captions, fmt, interleave, machine_line, markdown_table, median, peak_rss_mb,  # noqa: E402
-                          run_worker, spread, wait_for_quiet)
+from bench.common import (bench_main, captions, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
+                          run_worker, spread)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
 ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
@@ -250,25 +250,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablations", action="store_true", help=f"also run {ABLATIONS}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    p.add_argument("--worker", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
+def _peak_flag(p: argparse.ArgumentParser):
+    """--peak PRECISION: print the measured matmul rate (run_all and the MFU column use it)."""
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peak", metavar="PRECISION", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker, args)))
-        return
-    if args.peak:
-        print(json.dumps({"flops": matmul_peak(args.peak, args.threads, args.device)}))
-        return
-    if args.device == "cpu" and not args.no_wait:
-        wait_for_quiet()
-    print(machine_line(args.threads, args.device))
-    print(table(measure_all(args), args))
 
+    def handle(args) -> bool:
+        if args.peak:
+            print(json.dumps({"flops": matmul_peak(args.peak, args.threads, args.device)}))
+        return bool(args.peak)
+    return handle
+
+
+def main():
+    bench_main(__doc__, add_args, worker, measure_all, table, ("IMPL", "PRECISION"), extra=_peak_flag)
 
 if __name__ == "__main__":
     main()
