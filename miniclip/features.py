@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .checkpoint_io import atomic_write_text, save_safetensors
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -54,17 +54,6 @@ def files_fingerprint(paths: Sequence[str | Path]) -> str:
 def texts_fingerprint(texts: Sequence[str]) -> str:
     # JSON, not "\n".join: ["a\nb"] and ["a", "b"] must differ
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _short(value) -> str:
@@ -109,7 +98,7 @@ def cached_features(cache_dir: str | Path | None, name: str, key: dict, compute:
     # Tensors first, key last: a key file only ever describes tensors that were completely written.
     if key_path.exists():
         key_path.unlink()
-    _atomic_write(tensors_path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-    _atomic_write(key_path, lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, ensure_ascii=False)))
+    save_safetensors(tensors, tensors_path)
+    atomic_write_text(key_path, json.dumps(key, indent=1, ensure_ascii=False))
     logger.info("saved features to %s", tensors_path)
     return tensors

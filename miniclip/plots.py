@@ -6,8 +6,6 @@ Leaves out on purpose: interactive display and embedding projections (t-SNE / UM
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -18,23 +16,17 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .checkpoint_io import atomic_write  # noqa: E402
 from .transforms import to_rgb  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write atomically (temp file + os.replace) so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
+    """Write atomically (checkpoint_io.atomic_write) so a reader never sees half a PNG."""
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def _thumbnail(image: str | Path | Image.Image, size: int = 160) -> Image.Image:
