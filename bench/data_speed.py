@@ -70,7 +70,7 @@ class OpenClipStyleDataset:
 def loader(impl: str, records, config, batch: int):
     import open_clip
     import torch
-    from miniclip.data import ClipCollator, build_dataset
+    from miniclip.data.dataset import ClipCollator, build_dataset
     from miniclip.tokenizer import get_tokenizer
     base, *opts = impl.split("+")
     workers = 2 if "workers2" in opts else 0
@@ -90,7 +90,7 @@ def loader(impl: str, records, config, batch: int):
 def worker(impl: str, caption_file: str, args) -> dict:
     import torch
     from miniclip.config import load_model_config
-    from miniclip.data import load_records
+    from miniclip.data.dataset import load_records
     torch.set_num_threads(args.threads)
     config = load_model_config(args.config)
     records = load_records(caption_file, max_samples=args.images)

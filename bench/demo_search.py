@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from miniclip.demo import Searcher  # noqa: E402
+from miniclip.apps.demo import Searcher  # noqa: E402
 from miniclip.model import MiniClip  # noqa: E402
-from miniclip.search_index import build_index, read_image_set  # noqa: E402
+from miniclip.apps.search_index import build_index, read_image_set  # noqa: E402
 from miniclip.tokenizer import get_tokenizer  # noqa: E402
 from miniclip.transforms import image_transform  # noqa: E402
 

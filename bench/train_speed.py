@@ -52,7 +52,7 @@ def hf_clip_model(config):
 def build(impl: str, config, batch: int, device):
     """-> (model, loss_fn(model) -> scalar, fused_adamw). Inputs are made once; every step reuses them."""
     import torch
-    from miniclip.data import trim_tokens
+    from miniclip.data.dataset import trim_tokens
     from miniclip.tokenizer import get_tokenizer
     base, *opts = impl.split("+")
     g = torch.Generator().manual_seed(0)
@@ -60,7 +60,7 @@ def build(impl: str, config, batch: int, device):
     pixel_values = torch.randn(batch, 3, size, size, generator=g).to(device)  # (B, 3, S, S)
     tokens = get_tokenizer(config)(captions(batch))  # input_ids (B, 77)
     if base == "miniclip":
-        from miniclip.fast import use_fast_attention
+        from miniclip.attention import use_fast_attention
         from miniclip.loss import ClipLoss
         from miniclip.model import MiniClip
         model, clip_loss = MiniClip(config), ClipLoss()
@@ -109,10 +109,10 @@ def trainer_worker(config, precision: str, args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from miniclip.data import trim_tokens
+    from miniclip.data.dataset import trim_tokens
     from miniclip.model import MiniClip
     from miniclip.tokenizer import get_tokenizer
-    from miniclip.trainer import ClipTrainer, ClipTrainingArguments
+    from miniclip.training.trainer import ClipTrainer, ClipTrainingArguments
     size = config.vision_cfg.image_size
     g = torch.Generator().manual_seed(0)
     inputs = {"pixel_values": torch.randn(args.batch, 3, size, size, generator=g),

@@ -16,7 +16,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
-from miniclip.config import _check_literal
+from miniclip.config import check_literal
 
 Task = Literal["checkpoint", "captions", "classes"]
 Language = Literal["en", "zh"]
@@ -32,8 +32,8 @@ class PrepareArguments:
     language: Language = field(default="en", metadata={"help": "captions: keep English or Chinese captions."})
 
     def __post_init__(self):
-        _check_literal(self.task, Task, "task")
-        _check_literal(self.language, Language, "language")
+        check_literal(self.task, Task, "task")
+        check_literal(self.language, Language, "language")
 
 
 def save_checkpoint(args: PrepareArguments) -> None:
@@ -49,7 +49,7 @@ def save_checkpoint(args: PrepareArguments) -> None:
 def write_captions(args: PrepareArguments) -> None:
     """train.json / val.json holding only one language's captions; image paths stay relative to the set's root,
     which is written to image_root.txt (pass it to train.py as --image_root)."""
-    from miniclip.synthetic import ensure_synthetic
+    from miniclip.data.synthetic import ensure_synthetic
     data, out = ensure_synthetic(), Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, source in (("train", data.train_file), ("val", data.validation_file)):
@@ -63,7 +63,7 @@ def write_captions(args: PrepareArguments) -> None:
 
 def write_classes(args: PrepareArguments) -> None:
     """The synthetic test split as <output_dir>/<shape>/<image>.jpg (links where possible) for zero-shot."""
-    from miniclip.synthetic import SHAPES, ensure_synthetic
+    from miniclip.data.synthetic import SHAPES, ensure_synthetic
     data, out = ensure_synthetic(), Path(args.output_dir)
     for entry in json.loads(data.test_file.read_text(encoding="utf-8")):
         shape = next(s for s in SHAPES if s in entry["caption"][0])  # the first caption is English

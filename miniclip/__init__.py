@@ -1,8 +1,8 @@
 """miniclip: a small, readable CLIP trainer on the Hugging Face Trainer."""
-from .config import ClipConfig, TextConfig, VisionConfig, list_model_configs, load_model_config
-from .model import ClipOutput, MiniClip
-from .tokenizer import get_tokenizer
-from .transforms import image_transform
+from miniclip.config import ClipConfig, TextConfig, VisionConfig, list_model_configs, load_model_config
+from miniclip.model import ClipOutput, MiniClip
+from miniclip.tokenizer import get_tokenizer
+from miniclip.transforms import image_transform
 
 __all__ = ["ClipConfig", "ClipOutput", "MiniClip", "TextConfig", "VisionConfig", "get_tokenizer", "image_transform",
            "list_model_configs", "load_model_config"]

@@ -21,7 +21,7 @@ TextTower = Literal["transformer", "bert"]
 ResizeMode = Literal["shortest", "squash"]
 
 
-def _check_literal(value: Any, literal: Any, what: str) -> None:
+def check_literal(value: Any, literal: Any, what: str) -> None:
     options = get_args(literal)
     if value not in options:
         raise ValueError(f"{what}={value!r} is not one of {list(options)}")
@@ -96,7 +96,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self):
-        _check_literal(self.tower, TextTower, "text_cfg.tower")
+        check_literal(self.tower, TextTower, "text_cfg.tower")
         if self.width % self.heads:
             raise ValueError(f"text_cfg: width={self.width} is not divisible by heads={self.heads}")
         for name in ("context_length", "vocab_size", "width", "heads", "layers"):
@@ -118,7 +118,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self):
-        _check_literal(self.resize_mode, ResizeMode, "preprocess_cfg.resize_mode")
+        check_literal(self.resize_mode, ResizeMode, "preprocess_cfg.resize_mode")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"preprocess_cfg: mean/std need 3 values each and std > 0, got {self.mean} / {self.std}")

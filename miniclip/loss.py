@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_features, rank, world_size
+from miniclip.distributed import all_gather_features, rank, world_size
 
 
 class ClipLoss(nn.Module):

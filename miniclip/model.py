@@ -1,9 +1,8 @@
-"""MiniClip: an image encoder, a text encoder and a learnable temperature, built from a `ClipConfig`.
+"""MiniClip, the CLIP model: an image encoder, a text encoder and a learnable temperature, wired from a `ClipConfig`.
 
 The towers are open_clip's own modules (ViT, ModifiedResNet, causal text transformer) and transformers' BertModel
-(Chinese-CLIP); this file only wires them together. Parameter names keep the tutorial's layout:
-`image_encoder.visual.*`, `text_encoder.*`, `logit_scale.logit_scale`. Loading published checkpoints lives in
-checkpoints.py, losses in loss.py.
+(Chinese-CLIP); this file only wires them together. Leaves out on purpose: the loss (loss.py), reading and writing
+checkpoints (checkpoints/), and training-time choices such as locking schedules (training/).
 """
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.utils import ModelOutput
 
-from .config import ClipConfig, load_model_config
-from .fast import use_fast_attention
+from miniclip.config import ClipConfig, load_model_config
+from miniclip.attention import use_fast_attention
 
 
 @dataclass
@@ -51,7 +50,7 @@ class LogitBias(nn.Module):
     def forward(self) -> torch.Tensor:
         # A copy, not the Parameter itself: DistributedDataParallel finds used parameters by walking back from the
         # outputs' grad_fn, and a bare Parameter output (no grad_fn) would be taken for unused, then fail as
-        # "marked ready twice" in backward. (Edit by the trainer helper.)
+        # "marked ready twice" in backward.
         return self.logit_bias.clone()
 
 
@@ -110,9 +109,19 @@ class BertTextEncoder(nn.Module):
 
 
 class MiniClip(nn.Module):
+    """CLIP (Radford et al. 2021): `encode_image` (B, 3, S, S) -> (B, D), `encode_text` (B, L) -> (B, D), and
+    `forward` returning both L2-normalised with the logit scale, which a loss from loss.py turns into a number.
+
+    Parameter names keep the tutorial's layout (`image_encoder.visual.*`, `text_encoder.*`,
+    `logit_scale.logit_scale`), so its checkpoints load as they are. `load_info` is None for a model built here and
+    a `checkpoints.LoadResult` (file, layout, ignored keys) for one made by `from_pretrained`. Leaves out on purpose:
+    preprocessing (transforms.py / tokenizer.py turn images and captions into tensors) and any loss.
+    """
+
     def __init__(self, config: ClipConfig | str | dict):
         super().__init__()
         self.config = config = load_model_config(config)
+        self.load_info = None  # set by checkpoints.load_pretrained: what was read, and from where
         self.image_encoder = ImageEncoder(config)
         if config.text_cfg.tower == "bert":
             self.text_encoder = BertTextEncoder(config)
@@ -179,14 +188,20 @@ class MiniClip(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # --- checkpoints (checkpoints.py does the work; imported lazily: it imports this module) -------------------------
+    @property
+    def checkpoint_dir(self):
+        """The folder this model was loaded from (its tokenizer files live there), or None."""
+        return self.load_info.directory if self.load_info is not None else None
+
+    # --- checkpoints: checkpoints/ does the work. The package's one import cycle: checkpoints/ builds MiniClip, and
+    # these two convenience methods import it lazily, so `MiniClip.from_pretrained` works without a second import.
     @classmethod
     def from_pretrained(cls, name_or_path, config=None, format: str = "auto", **kwargs) -> "MiniClip":
-        """A checkpoint file / folder / known name in any supported layout; see `checkpoints.load_pretrained`."""
-        from .checkpoints import load_pretrained
+        """A checkpoint file / folder / known name in any supported layout; see `checkpoints.loading.load_pretrained`."""
+        from miniclip.checkpoints.loading import load_pretrained  # the documented cycle
         return load_pretrained(name_or_path, config=config, format=format, **kwargs)
 
     def save_pretrained(self, output_dir, format: str = "miniclip", tokenizer=None):
-        """Write this model as a miniclip / Hugging Face ("hf") / open_clip folder; see `checkpoints.save_pretrained`."""
-        from .checkpoints import save_pretrained
+        """Write this model as a miniclip / Hugging Face ("hf") / open_clip folder; see `checkpoints.saving.save_pretrained`."""
+        from miniclip.checkpoints.saving import save_pretrained  # the documented cycle
         return save_pretrained(self, output_dir, format=format, tokenizer=tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ClipConfig, TextConfig
+from miniclip.config import ClipConfig, TextConfig
 
 VOCAB_FILENAME = "vocab.txt"
 
@@ -117,3 +117,18 @@ def save_tokenizer(tokenizer, output_dir: str | Path) -> None:
         target = output_dir / VOCAB_FILENAME
         if Path(tokenizer.vocab_file).resolve() != target.resolve():
             target.write_text(Path(tokenizer.vocab_file).read_text(encoding="utf-8"), encoding="utf-8")
+
+
+def trim_tokens(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns after the batch's longest sequence. BERT (with an attention_mask): the mask says
+    where each row ends. CLIP BPE: each row ends at its EOT, the highest token id (argmax), where the causal tower
+    pools, so the columns after the last EOT change nothing; attention_mask marks positions up to the EOT (not
+    `input_ids != 0`: id 0 is the byte token "!", which can occur inside a caption)."""
+    input_ids = tokens["input_ids"]  # (B, L)
+    if "attention_mask" in tokens:
+        attention_mask = tokens["attention_mask"]
+    else:
+        eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
+        attention_mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) <= eot).long()  # (B, L)
+    length = int(attention_mask.sum(dim=1).max())
+    return {"input_ids": input_ids[:, :length].contiguous(), "attention_mask": attention_mask[:, :length].contiguous()}

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 from torchvision import transforms as T
 
-from .config import ClipConfig
+from miniclip.config import ClipConfig
 
 BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -34,16 +34,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class ImageDecodeError(ValueError):
+    """An image file that cannot be opened or decoded; the message names the file (and the caller adds the entry)."""
+
+
 def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Open, decode and convert to RGB. With `draft_size`, a JPEG at least twice that size on both sides is decoded
-    at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL `Image.draft`), never below `draft_size` on either side:
-    several times cheaper than a full decode, and the following bicubic resize gives nearly the same pixels
-    (tests/test_data.py bounds the difference)."""
-    with Image.open(path) as image:
-        if draft_size and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-        image = to_rgb(image)
-        image.load()  # decode now, while the file is open (to_rgb returns RGB images unchanged, still lazy)
+    """Open, decode and convert to RGB; an unreadable file raises ImageDecodeError naming it. With `draft_size`, a
+    JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL
+    `Image.draft`), never below `draft_size` on either side: several times cheaper than a full decode, and the
+    following bicubic resize gives nearly the same pixels (tests/test_data.py bounds the difference)."""
+    try:
+        with Image.open(path) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image = to_rgb(image)
+            image.load()  # decode now, while the file is open (to_rgb returns RGB images unchanged, still lazy)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return image
 
 

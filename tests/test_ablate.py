@@ -1,5 +1,5 @@
-"""miniclip.ablate / ablation_report: a 2-variant x 2-seed grid of real train.py runs (tiny ViT, a few steps, generated
-shapes) through `python -m miniclip.ablate`, its table / CSV / PNG checked against the runs' own Trainer files;
+"""miniclip.apps.ablate / ablation_report: a 2-variant x 2-seed grid of real train.py runs (tiny ViT, a few steps, generated
+shapes) through `python -m miniclip.apps.ablate`, its table / CSV / PNG checked against the runs' own Trainer files;
 rerunning reuses every finished run; a lost marker reruns that run only; a crashing run does not stop the grid;
 bad grid files fail before anything trains."""
 import csv
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from miniclip import ablate
-from miniclip.ablation_report import aggregate, best_variants, markdown_table
-from miniclip.synthetic import SyntheticSpec, ensure_synthetic
+from miniclip.apps.ablation_report import aggregate, best_variants, markdown_table
+from miniclip.data.synthetic import SyntheticSpec, ensure_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = """
@@ -59,7 +59,7 @@ def _read_csv(path: Path) -> list[dict]:
 def test_grid_table_csv_png_and_reuse(tmp_path, shapes):
     grid = _grid(tmp_path, shapes, "variants:\n  learnable: {}\n"
                  "  fixed_t1: {init_logit_scale: 0.0, learn_logit_scale: false}\nseeds: [0, 1]\n")
-    done = subprocess.run([sys.executable, "-m", "miniclip.ablate", str(grid)], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "miniclip.apps.ablate", str(grid)], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[4/4] fixed_t1 seed 1: training" in done.stderr + done.stdout

@@ -11,7 +11,7 @@ from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
 from conftest import cn_clip_reference
 from miniclip.config import load_model_config
-from miniclip.convert_chinese import (cn_clip_to_miniclip, hf_chinese_clip_config_to_miniclip,
+from miniclip.checkpoints.chinese_clip import (cn_clip_to_miniclip, hf_chinese_clip_config_to_miniclip,
                                       hf_chinese_clip_to_miniclip, miniclip_config_to_hf_chinese_clip,
                                       miniclip_to_hf_chinese_clip)
 from miniclip.model import MiniClip

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel
 
 from miniclip.config import load_model_config, list_model_configs
-from miniclip.convert_hf import (hf_clip_config_to_miniclip, hf_clip_to_miniclip, miniclip_config_to_hf_clip,
+from miniclip.checkpoints.hf_clip import (hf_clip_config_to_miniclip, hf_clip_to_miniclip, miniclip_config_to_hf_clip,
                                  miniclip_to_hf_clip)
 from miniclip.model import MiniClip
 

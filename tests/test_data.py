@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from miniclip.captions import CaptionRecord, read_caption_file
+from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.config import load_model_config
-from miniclip.data import (ClipCollator, ClipDataset, EpochCallback, ImageDecodeError, build_dataset, caption_choice,
+from miniclip.data.dataset import (ClipCollator, ClipDataset, EpochCallback, ImageDecodeError, build_dataset, caption_choice,
                            load_image, split_records, trim_tokens)
 from miniclip.tokenizer import get_tokenizer
 from miniclip.transforms import image_transform
@@ -214,7 +214,7 @@ def test_corrupt_image_skip_substitutes_the_next_entry_and_counts(tmp_path, capl
     bad = _corrupt(records, 1)
     _corrupt(records, 4)
     dataset = _eval_dataset(records, on_bad="skip")
-    with caplog.at_level(logging.WARNING, logger="miniclip.data"):
+    with caplog.at_level(logging.WARNING, logger="miniclip.data.dataset"):
         items = [dataset[i] for i in range(len(dataset))]
     assert len(items) == 5  # batches stay full
     assert [x["caption"] for x in items] == [records[i].captions[0] for i in (0, 2, 2, 3, 0)]  # wraps around

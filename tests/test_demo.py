@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from miniclip.checkpoints import save_pretrained
-from miniclip.demo import MAX_QUERY_CHARS, DemoArguments, Searcher, index_summary
+from miniclip.apps.demo import MAX_QUERY_CHARS, DemoArguments, Searcher, index_summary
 from miniclip.model import MiniClip
-from miniclip.search_index import SearchIndex, build_index, read_image_set
+from miniclip.apps.search_index import SearchIndex, build_index, read_image_set
 from miniclip.tokenizer import get_tokenizer
 from miniclip.transforms import image_transform
 
@@ -236,7 +236,7 @@ def test_arguments_are_checked():
 
 
 def test_without_gradio_the_command_says_how_to_install_it(monkeypatch, caption_file):
-    from miniclip.demo import main
+    from miniclip.apps.demo import main
     # Python's own import machinery refuses `gradio` (a None entry in sys.modules raises ImportError), whether or
     # not it is installed here; main() must stop before loading anything.
     monkeypatch.setitem(sys.modules, "gradio", None)
@@ -247,9 +247,9 @@ def test_without_gradio_the_command_says_how_to_install_it(monkeypatch, caption_
 @pytest.mark.parametrize("problem", ["no images", "no checkpoint"])
 def test_bad_data_or_checkpoint_is_a_clear_startup_error(tmp_path, problem):
     pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[demo]')")
-    from miniclip.demo import main
+    from miniclip.apps.demo import main
     checkpoint = save_pretrained(tiny_model(), tmp_path / "ckpt") if problem == "no images" else tmp_path / "nope"
     (tmp_path / "c.json").write_text(json.dumps([{"image": "images/a.jpg", "caption": ["x"]}]))
     expected = r"none of its 1 images exist" if problem == "no images" else r"nope"
-    with pytest.raises(SystemExit, match=rf"^miniclip.demo: .*{expected}"):
+    with pytest.raises(SystemExit, match=rf"^miniclip.apps.demo: .*{expected}"):
         main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "c.json"), "--no_cache"])

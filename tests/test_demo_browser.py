@@ -1,4 +1,4 @@
-"""End to end: `python -m miniclip.demo` in a subprocess on a free loopback port, with a tiny checkpoint and coloured
+"""End to end: `python -m miniclip.apps.demo` in a subprocess on a free loopback port, with a tiny checkpoint and coloured
 images made here, driven in headless Chromium through Playwright (Debian's `chromium`, not Playwright's download).
 Skips, saying what to install, only when gradio, playwright or the browser is missing."""
 import os
@@ -54,7 +54,7 @@ def demo_url(tmp_path_factory):
     model = tiny_model()
     checkpoint = save_pretrained(model, root / "checkpoint", tokenizer=get_tokenizer(model.config))
     port, log = free_port(), root / "demo.log"
-    command = [sys.executable, "-m", "miniclip.demo", "--checkpoint", str(checkpoint), "--data", str(captions),
+    command = [sys.executable, "-m", "miniclip.apps.demo", "--checkpoint", str(checkpoint), "--data", str(captions),
                "--port", str(port), "--top_k", str(TOP_K), "--cache_dir", str(root / "cache")]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
     with open(log, "w") as log_file:

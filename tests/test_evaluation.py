@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer, image_transform
-from miniclip.captions import CaptionFileError, read_caption_file
-from miniclip.evaluation import (UnreadableImageError, encode_images, encode_texts, evaluate_retrieval,
+from miniclip.data.captions import CaptionFileError, read_caption_file
+from miniclip.evaluation.encode import (UnreadableImageError, encode_images, encode_texts, evaluate_retrieval,
                                  flatten_captions, open_image)
-from miniclip.metrics import retrieval_metrics
+from miniclip.evaluation.metrics import retrieval_metrics
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 
 from miniclip.config import load_model_config
-from miniclip.fast import FastResidualAttentionBlock, use_fast_attention
+from miniclip.attention import FastResidualAttentionBlock, use_fast_attention
 from miniclip.model import MiniClip
 from conftest import open_clip_reference, reference_to_miniclip
 

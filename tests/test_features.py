@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from miniclip import MiniClip
-from miniclip.features import (FeatureCacheError, cached_features, files_fingerprint, model_fingerprint,
+from miniclip.evaluation.feature_cache import (FeatureCacheError, cached_features, files_fingerprint, model_fingerprint,
                                texts_fingerprint)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from miniclip.checkpoints import load_pretrained
 from miniclip.config import load_model_config
-from miniclip.hub import KNOWN, list_known_names, resolve
+from miniclip.checkpoints.hub import KNOWN, list_known_names, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -79,7 +79,7 @@ def local_hub(tmp_path, monkeypatch):
 def _hf_clip_folder(folder: Path, safetensors=True):
     """A real transformers CLIPModel (tiny, random) saved as the Hub holds it."""
     from transformers import CLIPConfig, CLIPModel
-    from miniclip.convert_hf import miniclip_config_to_hf_clip
+    from miniclip.checkpoints.hf_clip import miniclip_config_to_hf_clip
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(**miniclip_config_to_hf_clip(load_model_config("tiny-vit")))).eval()
     model.save_pretrained(folder)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from miniclip import metrics
-from miniclip.metrics import (first_caption_indices, first_caption_retrieval, per_class_accuracy, retrieval_metrics,
+from miniclip.evaluation.metrics import (first_caption_indices, first_caption_retrieval, per_class_accuracy, retrieval_metrics,
                               zeroshot_metrics)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miniclip.plots import plot_curves, retrieval_grid, similarity_heatmap
+from miniclip.evaluation.plots import plot_curves, retrieval_grid, similarity_heatmap
 
 
 @pytest.fixture

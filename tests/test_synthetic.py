@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miniclip.captions import read_caption_file
-from miniclip.synthetic import COLORS, POSITIONS, SyntheticSpec, ensure_synthetic, manifest_hash
+from miniclip.data.captions import read_caption_file
+from miniclip.data.synthetic import COLORS, POSITIONS, SyntheticSpec, ensure_synthetic, manifest_hash
 
 SPEC = SyntheticSpec(n_train=24, n_val=8, n_test=10, image_size=64)
 
@@ -90,6 +90,6 @@ def _attributes(captions):
 
 
 def test_empty_split_is_refused_up_front():
-    from miniclip.synthetic import SyntheticSpec
+    from miniclip.data.synthetic import SyntheticSpec
     with pytest.raises(ValueError, match=r"SyntheticSpec.n_test=0 must be >= 1"):
         SyntheticSpec(n_test=0)

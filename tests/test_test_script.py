@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer, image_transform
-from miniclip.captions import CaptionFileError, read_caption_file
-from miniclip.evaluation import encode_images, evaluate_retrieval, flatten_captions
-from miniclip.features import FeatureCacheError
-from miniclip.metrics import first_caption_indices, first_caption_retrieval
+from miniclip.data.captions import CaptionFileError, read_caption_file
+from miniclip.evaluation.encode import encode_images, evaluate_retrieval, flatten_captions
+from miniclip.evaluation.feature_cache import FeatureCacheError
+from miniclip.evaluation.metrics import first_caption_indices, first_caption_retrieval
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("miniclip_test_script", REPO / "test.py")
@@ -76,7 +76,7 @@ def test_eval_file_prints_both_directions_and_tutorial_protocol(tmp_path, captio
     texts, text_to_image = flatten_captions(records)
     first = first_caption_indices(text_to_image)
     image_embeds = encode_images(model, [r.image for r in records], transform, progress=False)
-    from miniclip.evaluation import encode_texts
+    from miniclip.evaluation.encode import encode_texts
     protocol = first_caption_retrieval(image_embeds, encode_texts(model, [texts[i] for i in first], tokenizer,
                                                                   progress=False))
     assert {k: results["retrieval"][k] for k in protocol} == pytest.approx(protocol, abs=1e-6)
@@ -150,7 +150,7 @@ def test_feature_cache_reuse_and_other_model(tmp_path, caption_set, caplog):
     assert sorted(p.name for p in feats.iterdir()) == ["val_images.json", "val_images.safetensors",
                                                        "val_texts.json", "val_texts.safetensors"]
     stamp = (feats / "val_images.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="miniclip.features"):
+    with caplog.at_level(logging.INFO, logger="miniclip.evaluation.feature_cache"):
         again = run(tmp_path, "--eval_file", caption_set, "--save_features", feats)["retrieval"]
     assert again == first and "reusing features" in caplog.text
     assert (feats / "val_images.safetensors").stat().st_mtime_ns == stamp

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback, default_data_collator
 
-from miniclip.captions import CaptionRecord
-from miniclip.checkpoint_io import CheckpointError
+from miniclip.data.captions import CaptionRecord
+from miniclip.checkpoints.io import CheckpointError
 from miniclip.loss import ClipLoss, SigLipLoss
 from miniclip.model import MiniClip
 from miniclip.tokenizer import get_tokenizer
-from miniclip.trainer import ClipTrainer, ClipTrainingArguments, NonFiniteLossError, decay_parameter_names
+from miniclip.training.trainer import ClipTrainer, ClipTrainingArguments, NonFiniteLossError, decay_parameter_names
 
 
 class TensorPairs(torch.utils.data.Dataset):
@@ -232,7 +232,7 @@ def _eval_records(tmp_path, n: int = 6) -> list[CaptionRecord]:
 
 
 def test_evaluate_reports_retrieval_and_keeps_the_best(tmp_path):
-    from miniclip.evaluation import evaluate_retrieval
+    from miniclip.evaluation.encode import evaluate_retrieval
     from miniclip.transforms import image_transform
     model = _model("tiny-vit")
     records = _eval_records(tmp_path)

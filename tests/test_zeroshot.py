@@ -9,7 +9,7 @@ from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer
 from miniclip.config import load_model_config
-from miniclip.zeroshot import (CHINESE_IMAGENET_TEMPLATES, OPENAI_IMAGENET_TEMPLATES, get_templates,
+from miniclip.evaluation.zeroshot import (CHINESE_IMAGENET_TEMPLATES, OPENAI_IMAGENET_TEMPLATES, get_templates,
                                read_image_folder, zeroshot_classifier)
 
 

@@ -150,7 +150,7 @@ def _download_group(repo_id: str, group: tuple, folder: Path) -> Path:
 def _download_url(url: str, folder: Path) -> Path:
     """Plain HTTPS download with a progress bar, written atomically."""
     from huggingface_hub.file_download import http_get
-    from .checkpoint_io import atomic_write
+    from miniclip.files import atomic_write
     target = folder / url.rsplit("/", 1)[1]
 
     def write(tmp: Path):

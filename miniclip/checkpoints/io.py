@@ -1,4 +1,4 @@
-"""Reading checkpoint files without running their code, and writing files atomically.
+"""Reading checkpoint files without running their code.
 
 safetensors through `safe_open` (memory-mapped), PyTorch pickles through `torch.load(weights_only=True, mmap=True)`,
 TorchScript archives (OpenAI's `ViT-B-32.pt`) through `torch.jit.load`, keeping only their state dict. Leaves out on
@@ -6,12 +6,11 @@ purpose: numpy / JAX (big_vision) files, sharded checkpoints, and anything that 
 """
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -144,30 +143,3 @@ def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
     if all(k.startswith("module.") for k in keys):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`: a crash never leaves a
-    half-written file under the final name (os.replace is atomic on POSIX and Windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
-    """Atomically write `state` as safetensors (contiguous, unshared CPU copies where needed)."""
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -1,53 +1,66 @@
-"""Loading published CLIP checkpoints into `MiniClip` with every tensor accounted for, and saving models back out.
+"""Loading published CLIP checkpoints into `MiniClip` with every tensor accounted for.
 
-`load_pretrained` = resolve a name or path (hub.py) -> read and rename the layout (layouts.py) -> pick the config
-(given, stored, or inferred from shapes: infer.py) -> resize position embeddings (resize.py) -> validate strictly
-against a meta-device skeleton -> fill a model whose parameters start on meta. Nothing is copied until every tensor
-is matched: never a partial load. Leaves out on purpose: loading a subset of towers (`strict=False`), device
+`load_pretrained` is a pipeline, each step once and in order: resolve the name (hub.py) -> read the file and detect
+its layout and map its keys (layouts.py) -> choose the config (given, stored, or from shapes: architecture.py) ->
+resize position embeddings (resize.py) -> check against a meta-device skeleton -> copy. Nothing is copied until every
+tensor is matched: never a partial load. Leaves out on purpose: loading a subset of towers (`strict=False`), device
 placement and precision (`model.to(...)` after loading).
 """
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 
-from .checkpoint_io import CheckpointError, atomic_write_text, save_safetensors
-from .config import ClipConfig, _check_literal, list_model_configs, load_model_config
-from .infer import architecture, infer_config
-from .layouts import (CONFIG_FILE, IGNORABLE, MODEL_FILE, OPEN_CLIP_CONFIG, OPTIONAL_MODEL_SUFFIXES, QUICK_GELU,
-                      TOKENIZER_FILE, Checkpoint, ExportFormat, Format, is_ignorable, miniclip_to_open_clip,
-                      read_checkpoint_any)
-from .resize import adapt_positions
+from miniclip.checkpoints.architecture import architecture, infer_config
+from miniclip.checkpoints.hub import resolve
+from miniclip.checkpoints.io import CheckpointError
+from miniclip.checkpoints.layouts import (LAYOUTS, OPTIONAL_MODEL_SUFFIXES, Checkpoint, Format, foreign_hints,
+                                          is_ignorable, read_any)
+from miniclip.checkpoints.resize import adapt_positions
+from miniclip.config import ClipConfig, check_literal, list_model_configs, load_model_config
+from miniclip.model import MiniClip
+from miniclip.tokenizer import get_tokenizer
 
-__all__ = ["CheckpointError", "IGNORABLE", "load_pretrained", "load_model_and_tokenizer", "save_pretrained"]
 logger = logging.getLogger(__name__)
 SHOW = 5  # keys listed per group in a mismatch error
 
 
+@dataclass(frozen=True)
+class LoadResult:
+    """What `load_pretrained` read: set as `model.load_info` (MiniClip declares the attribute)."""
+    file: Path  # the weights file
+    layout: str  # a key of layouts.LAYOUTS
+    config_source: str  # "given (...)", "stored in the checkpoint (...)" or "inferred ..."
+    ignored: list[str] = field(default_factory=list)  # checkpoint entries deliberately left unused
+    resized: list[str] = field(default_factory=list)  # position embeddings that were interpolated / cut
+
+    @property
+    def directory(self) -> Path:
+        """The folder the checkpoint came from (its tokenizer files, e.g. Chinese-CLIP's vocab.txt, live there)."""
+        return self.file.parent
+
+
 def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | None = None, format: str = "auto",
                     image_size: int | None = None, context_length: int | None = None,
-                    allow_unsafe_pickle: bool = False):
+                    allow_unsafe_pickle: bool = False) -> MiniClip:
     """A `MiniClip` (eval mode) holding the weights of a checkpoint file, folder or known name (see hub.py).
 
     config=None takes the architecture from the checkpoint (its stored config, else its shapes); image_size /
     context_length resize the position embeddings. Raises CheckpointError (a ValueError) on any mismatch.
     """
-    from .hub import resolve
-    from .model import MiniClip
-    _check_literal(format, Format, "format")
+    check_literal(format, Format, "format")
     path = resolve(name_or_path)
     given = load_model_config(config) if config is not None else None
-    ckpt = read_checkpoint_any(path, format, allow_unsafe_pickle, config=given)
+    ckpt = read_any(path, format, allow_unsafe_pickle, config=given)
     try:
         chosen, source = choose_config(ckpt, given)
     except CheckpointError as e:  # shapes could not be read: say which file, which layout, and what it looks like
-        foreign = [k for k in ckpt.state if not k.startswith(("image_encoder.", "text_encoder.", "logit_"))]
-        hints = [hint for prefixes, hint in _FOREIGN if any(k.startswith(prefixes) for k in foreign)]
         raise CheckpointError(f"{ckpt.file} (detected layout: {ckpt.layout}): {e}"
-                              + "".join(f"\nLikely cause: {h}" for h in hints)) from None
+                              + "".join(f"\nLikely cause: {h}" for h in foreign_hints(ckpt.state))) from None
     chosen = _with_sizes(chosen, image_size, context_length)
     resized = adapt_positions(ckpt.state, chosen)
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
@@ -57,16 +70,13 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
     ignored = sorted(set(ckpt.ignored) | {ckpt.origin.get(k, k) for k in ckpt.state if k not in expected})
     model = _empty_model(chosen)
     _copy_into(model, ckpt.state)
-    model.checkpoint_dir = ckpt.directory
-    model.load_info = {"file": str(ckpt.file), "layout": ckpt.layout, "config_source": source,
-                       "ignored": ignored, "resized": resized}
+    model.load_info = LoadResult(ckpt.file, ckpt.layout, source, ignored, resized)
     logger.info("loaded %s (layout %s, config %s)", ckpt.file, ckpt.layout, source)
     return model.eval()
 
 
 def load_model_and_tokenizer(name_or_path: str | Path, **kwargs):
     """(MiniClip, tokenizer): the tokenizer its text tower was trained with (vocab.txt from the checkpoint folder)."""
-    from .tokenizer import get_tokenizer
     model = load_pretrained(name_or_path, **kwargs)
     return model, get_tokenizer(model.config, checkpoint_dir=model.checkpoint_dir)
 
@@ -98,7 +108,7 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
         return given, f"given ({given.name or 'dict'})"
     if ckpt.config is not None:
         return ckpt.config, f"stored in the checkpoint ({ckpt.layout})"
-    convention = QUICK_GELU.get(ckpt.layout)
+    convention = LAYOUTS[ckpt.layout].quick_gelu
     config = infer_config(ckpt.state, quick_gelu=bool(convention))
     source = "inferred from shapes"
     known = _known_config_like(config)
@@ -178,18 +188,8 @@ def _mismatch_message(config, ckpt, source, missing, unexpected, wrong_shape, wr
     return text + "\nLikely cause: " + "; ".join(_likely_causes(config, ckpt, named, wrong_type))
 
 
-_FOREIGN = [
-    (("vision_model.", "text_model.", "visual_projection."), "this looks like a Hugging Face CLIPModel / "
-     "ChineseCLIPModel state dict: load its folder (with config.json), or pass format='hf_clip' / 'hf_chinese_clip'"),
-    (("bert.",), "this looks like a Chinese-CLIP checkpoint (bert.* keys): pass format='cn_clip' and a BERT config "
-     "(e.g. ChineseCLIP-ViT-B-16), or config=None"),
-    (("visual.", "token_embedding.", "transformer.resblocks."), "this looks like an open_clip / OpenAI / TinyCLIP "
-     "state dict (visual.*, transformer.* keys): pass format='open_clip' (or 'openai', 'tinyclip')"),
-]
-
-
 def _likely_causes(config: ClipConfig, ckpt: Checkpoint, unexpected: list[str], wrong_type: list[str]) -> list[str]:
-    causes = [hint for prefixes, hint in _FOREIGN if any(k.startswith(prefixes) for k in unexpected)]
+    causes = foreign_hints(unexpected)
     try:
         inferred = infer_config(ckpt.state, quick_gelu=config.quick_gelu)
     except (CheckpointError, ValueError, KeyError, IndexError, RuntimeError, AttributeError):
@@ -220,8 +220,6 @@ def _likely_causes(config: ClipConfig, ckpt: Checkpoint, unexpected: list[str], 
 def _empty_model(config: ClipConfig):
     """MiniClip with its parameters on the meta device (no memory, no random init) and its buffers real: the
     non-persistent ones (causal mask, BERT position ids) are computed at construction and never stored."""
-    from accelerate import init_empty_weights
-    from .model import MiniClip
     with init_empty_weights(include_buffers=False):
         return MiniClip(config)
 
@@ -250,71 +248,3 @@ def _copy_into(model, state: dict) -> None:
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # cannot happen after check_fits; a guard against a future model change
         raise CheckpointError(f"internal error: {left[:5]} were not filled")
-
-
-# --- saving -----------------------------------------------------------------------------------------------------------
-def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tokenizer=None) -> Path:
-    """Write `model` as a miniclip folder (model.safetensors + model_config.json + tokenizer_config.json
-    [+ vocab.txt]), a Hugging Face CLIPModel / ChineseCLIPModel folder ("hf") or an open_clip hub folder
-    ("open_clip"). Every file is written atomically."""
-    _check_literal(format, ExportFormat, "format")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()}
-    config: ClipConfig = model.config
-    if format == "miniclip":
-        save_safetensors(state, output_dir / MODEL_FILE, metadata={"format": "pt", "layout": "miniclip"})
-        atomic_write_text(output_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        _save_tokenizer(model, tokenizer, output_dir, describe=True)
-    elif format == "hf":
-        _save_hf(state, config, output_dir)
-        _save_tokenizer(model, tokenizer, output_dir, describe=False)
-    else:
-        _save_open_clip(state, config, output_dir)
-    return output_dir
-
-
-def _save_tokenizer(model, tokenizer, output_dir: Path, describe: bool) -> None:
-    from .tokenizer import VOCAB_FILENAME, BertWordPieceTokenizer, get_tokenizer
-    if tokenizer is None:
-        try:
-            tokenizer = get_tokenizer(model.config, checkpoint_dir=getattr(model, "checkpoint_dir", None))
-        except FileNotFoundError as e:
-            logger.warning("no tokenizer saved with the model: %s", e)
-            return
-    if describe:
-        atomic_write_text(output_dir / TOKENIZER_FILE, json.dumps(tokenizer.describe(), indent=2) + "\n")
-    if isinstance(tokenizer, BertWordPieceTokenizer):
-        source, target = Path(tokenizer.vocab_file), output_dir / VOCAB_FILENAME
-        if not target.exists() or source.resolve() != target.resolve():
-            atomic_write_text(target, source.read_text(encoding="utf-8"))
-
-
-def _save_hf(state: dict, config: ClipConfig, output_dir: Path) -> None:
-    from .layouts import _converter
-    if config.text_cfg.tower == "bert":
-        module = _converter("convert_chinese")
-        hf_state, hf_config = module.miniclip_to_hf_chinese_clip(state, config), \
-            module.miniclip_config_to_hf_chinese_clip(config)
-    else:
-        module = _converter("convert_hf")
-        hf_state, hf_config = module.miniclip_to_hf_clip(state, config), module.miniclip_config_to_hf_clip(config)
-    save_safetensors(hf_state, output_dir / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
-
-
-def _save_open_clip(state: dict, config: ClipConfig, output_dir: Path) -> None:
-    if config.text_cfg.tower != "transformer":
-        raise ValueError("format='open_clip' needs open_clip's own text transformer; this model has a BERT text "
-                         "tower (Chinese-CLIP). Use format='hf' (ChineseCLIPModel) or 'miniclip' instead.")
-    model_cfg = config.open_clip_cfg()
-    if config.vision_cfg.is_resnet:
-        model_cfg["vision_cfg"].pop("patch_size")
-    if config.init_logit_bias is not None:
-        model_cfg["init_logit_bias"] = config.init_logit_bias
-    p = config.preprocess_cfg
-    preprocess = {"mean": list(p.mean), "std": list(p.std), "interpolation": "bicubic", "resize_mode": p.resize_mode}
-    save_safetensors(miniclip_to_open_clip(state), output_dir / "open_clip_model.safetensors",
-                     metadata={"format": "pt"})
-    atomic_write_text(output_dir / OPEN_CLIP_CONFIG,
-                      json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")

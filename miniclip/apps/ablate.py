@@ -3,7 +3,7 @@ every (variant, seed) runs train.py in its own subprocess and output folder, key
 arguments, so finished runs are reused and an interrupted grid resumes. The results (ablation.md / .csv / .png) are
 written by ablation_report.py. Leaves out on purpose: running several runs at once and cluster schedulers.
 
-    python -m miniclip.ablate examples/grids/synthetic.yaml [--launcher torchrun --launcher_args "--nproc_per_node 2"]
+    python -m miniclip.apps.ablate examples/grids/synthetic.yaml [--launcher torchrun --launcher_args "--nproc_per_node 2"]
 """
 from __future__ import annotations
 
@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
-from .checkpoint_io import atomic_write_text
-from .config import _check_literal
+from miniclip.apps.ablation_report import write_report
+from miniclip.apps.cli import run_cli
+from miniclip.config import check_literal
+from miniclip.files import atomic_write_text, read_mapping_file
+from miniclip.training import arguments
+from miniclip.training.arguments import as_argv
 
 Launcher = Literal["python", "accelerate", "torchrun"]
 GRID_KEYS = ("name", "description", "output_dir", "base", "variants", "seeds", "metrics", "curve_metric",
@@ -35,7 +40,7 @@ MANAGED = ("output_dir", "seed", "resume_from_checkpoint")  # set by the grid fo
 DONE, FAILED, SPEC, LOG = "ablate_done.json", "ablate_failed.json", "ablate_run.json", "train.log"
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")  # ${VAR} or ${VAR:-default}
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
+TRAIN_MODULE = "miniclip.apps.train"  # what each run executes (`python -m`), unless --train_script names a script
 
 
 @dataclass
@@ -50,7 +55,8 @@ class AblateArguments:
     launcher_args: str | None = field(default=None, metadata={"help": (
         "Extra launcher arguments, one string, e.g. \"--multi_gpu --num_processes 4\" (accelerate) or "
         "\"--nproc_per_node 2\" (torchrun). Part of each run's key.")})
-    train_script: str = field(default=str(DEFAULT_TRAIN_SCRIPT), metadata={"help": "The train.py to run."})
+    train_script: str | None = field(default=None, metadata={"help": (
+        f"A train.py-compatible script to run instead of `python -m {TRAIN_MODULE}`.")})
     dry_run: bool = field(default=False, metadata={"help": "List the runs and whether each is finished; train nothing."})
     report_only: bool = field(default=False, metadata={"help": "Write the tables and plot from the finished runs only."})
     show_output: bool = field(default=False, metadata={"help": (
@@ -58,7 +64,7 @@ class AblateArguments:
 
     def __post_init__(self):
         if self.launcher is not None:
-            _check_literal(self.launcher, Launcher, "launcher")
+            check_literal(self.launcher, Launcher, "launcher")
 
 
 @dataclass
@@ -127,16 +133,8 @@ def _mapping(value, where: str) -> dict:
 
 def load_grid(path: str | Path, output_dir: str | None = None) -> Grid:
     """Read and check a grid YAML (or JSON) file; raise ValueError / FileNotFoundError naming the key and the fix."""
-    import yaml
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"grid file {path} cannot be parsed: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"grid file {path} must hold a mapping with keys {list(GRID_KEYS)}")
+    data = read_mapping_file(path, "grid file")
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise ValueError(f"grid file {path}: unknown key(s) {unknown}; valid keys: {list(GRID_KEYS)}. train.py "
@@ -157,7 +155,7 @@ def load_grid(path: str | Path, output_dir: str | None = None) -> Grid:
         raise ValueError(f"{path}: seeds must be a list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     name = str(data.get("name") or path.stem)
     launcher = data.get("launcher", "python")
-    _check_literal(launcher, Launcher, f"{path}: launcher")
+    check_literal(launcher, Launcher, f"{path}: launcher")
     metrics = data.get("metrics")
     if metrics is not None and (not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)):
         raise ValueError(f"{path}: metrics must be a list of metric names, e.g. [eval_t2i_R@1, train_loss]")
@@ -168,15 +166,6 @@ def load_grid(path: str | Path, output_dir: str | None = None) -> Grid:
 
 
 # --- resolving runs ---------------------------------------------------------------------------------------------------
-def _as_argv(values: dict) -> list[str]:
-    """{"lr": 1e-3, "report_to": ["none"]} -> ["--lr", "0.001", "--report_to", "none"] (argparse types them)."""
-    argv = []
-    for key, value in values.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in items)]
-    return argv
-
-
 def _jsonable(value):
     if isinstance(value, Enum):
         return value.value
@@ -185,26 +174,12 @@ def _jsonable(value):
     return value if isinstance(value, (str, int, float, bool, type(None), dict)) else str(value)
 
 
-def _load_train_module(script: Path):
-    import importlib.util
-    if not script.is_file():
-        raise FileNotFoundError(f"train script not found: {script}. Fix: pass --train_script path/to/train.py")
-    name = "miniclip_ablate_train"
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(script):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-def resolve_args(train, values: dict, where: str) -> dict:
+def resolve_args(values: dict, where: str) -> dict:
     """Parse `values` with train.py's own parser (types, choices, checks) and return each given argument's typed
     value: 1e-3 and 0.001 give the same run key. Unknown names fail here, before any run starts."""
     import dataclasses
     import difflib
-    known = {f.name for cls in (train.ModelArguments, train.DataArguments, train.ClipTrainingArguments)
+    known = {f.name for cls in (arguments.ModelArguments, arguments.DataArguments, arguments.ClipTrainingArguments)
              for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
@@ -214,7 +189,7 @@ def resolve_args(train, values: dict, where: str) -> dict:
     usage = io.StringIO()
     try:
         with contextlib.redirect_stderr(usage):  # argparse prints its complaint and exits: keep the complaint only
-            parsed = train.parse_args(_as_argv({**values, "output_dir": tempfile.gettempdir()}))[:3]
+            parsed = arguments.parse_args(as_argv({**values, "output_dir": tempfile.gettempdir()}))[:3]
     except (ValueError, SystemExit) as e:
         reason = str(e) if isinstance(e, ValueError) else usage.getvalue().strip().splitlines()[-1]
         if "'False'" in reason or "'True'" in reason:
@@ -228,17 +203,16 @@ def run_key(resolved: dict, launcher: list[str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def plan_runs(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT) -> list[Run]:
+def plan_runs(grid: Grid) -> list[Run]:
     """Every (variant, seed) with its arguments, key and folder: an existing folder with the same key (a renamed
     variant) is reused."""
-    train = _load_train_module(Path(train_script))
     launcher = [grid.launcher, *grid.launcher_args] if grid.launcher != "python" else ["python"]
     runs = []
     for seed in grid.seeds:  # seed-major: a grid stopped early still has every variant for the first seeds
         for variant, overrides in grid.variants.items():
             # null in a variant removes a base argument (train.py's default applies): e.g. model_config: null
             args = {k: v for k, v in {**grid.base, **overrides, "seed": seed}.items() if v is not None}
-            key = run_key(resolve_args(train, args, f"{grid.path}: variant {variant!r}, seed {seed}"), launcher)
+            key = run_key(resolve_args(args, f"{grid.path}: variant {variant!r}, seed {seed}"), launcher)
             found = sorted((grid.output_dir / "runs").glob(f"*-{key}"))
             folder = next((f for f in found if (f / DONE).is_file()), None) or (
                 found[0] if found else grid.output_dir / "runs" / f"{variant}-s{seed}-{key}")
@@ -247,14 +221,24 @@ def plan_runs(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT) -> li
 
 
 # --- running ----------------------------------------------------------------------------------------------------------
-def run_command(run: Run, grid: Grid, train_script: str | Path) -> list[str]:
-    """The subprocess: train.py's main(argv) in a fresh interpreter, so a crash (or an OOM kill) ends that run only."""
-    argv = _as_argv({**run.args, "output_dir": str(run.dir), "resume_from_checkpoint": "latest"})
+def run_command(run: Run, grid: Grid, train_script: str | Path | None = None) -> list[str]:
+    """The subprocess: a training run in a fresh interpreter, so a crash (or an OOM kill) ends that run only."""
+    argv = as_argv({**run.args, "output_dir": str(run.dir), "resume_from_checkpoint": "latest"})
+    if train_script is not None and not Path(train_script).is_file():
+        raise FileNotFoundError(f"train script not found: {train_script}. Fix: pass --train_script path/to/train.py")
+    target = [str(train_script)] if train_script is not None else ["-m", TRAIN_MODULE]
     if grid.launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", *grid.launcher_args, str(train_script), *argv]
+        return [sys.executable, "-m", "accelerate.commands.launch", *grid.launcher_args, *target, *argv]
     if grid.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", *grid.launcher_args, str(train_script), *argv]
-    return [sys.executable, str(train_script), *argv]
+        return [sys.executable, "-m", "torch.distributed.run", *grid.launcher_args, *target, *argv]
+    return [sys.executable, *target, *argv]
+
+
+def _child_env() -> dict:
+    """The parent's environment, with this miniclip first on the path (the same code runs in every child)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 def _final_logit_scale(folder: Path) -> float | None:
@@ -268,7 +252,7 @@ def _final_logit_scale(folder: Path) -> float | None:
         return math.exp(float(f.get_tensor("logit_scale.logit_scale").float()))
 
 
-def execute(run: Run, grid: Grid, train_script: str | Path, show_output: bool = False) -> bool:
+def execute(run: Run, grid: Grid, train_script: str | Path | None = None, show_output: bool = False) -> bool:
     """Train one run; on success write its DONE marker (atomically, last), else a FAILED note. -> success."""
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / FAILED).unlink(missing_ok=True)
@@ -278,7 +262,7 @@ def execute(run: Run, grid: Grid, train_script: str | Path, show_output: bool = 
     start = time.time()
     with open(run.dir / LOG, "w", encoding="utf-8", buffering=1) as log:  # line-buffered: `tail -f` works
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env=_child_env())
         for line in process.stdout:
             log.write(line)
             if show_output:
@@ -299,11 +283,11 @@ def execute(run: Run, grid: Grid, train_script: str | Path, show_output: bool = 
     return True
 
 
-def run_grid(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT, dry_run: bool = False,
+def run_grid(grid: Grid, train_script: str | Path | None = None, dry_run: bool = False,
              report_only: bool = False, show_output: bool = False) -> list[Run]:
     """Run every unfinished (variant, seed) in order, reuse the finished ones, then write the report.
     Each run's status ends as 'reused', 'trained', 'failed' or (dry run / report only) 'pending'."""
-    runs = plan_runs(grid, train_script)
+    runs = plan_runs(grid)
     total = len(runs)
     if dry_run:
         for i, run in enumerate(runs, 1):
@@ -322,7 +306,6 @@ def run_grid(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT, dry_ru
         tqdm.write(f"{label}: training -> {run.dir} (log: {run.dir / LOG})")
         run.status = "trained" if execute(run, grid, train_script, show_output) else "failed"
     bar.close()
-    from .ablation_report import write_report
     finished = [run for run in runs if run.done]
     if finished:
         for path in write_report(grid, finished):
@@ -331,8 +314,7 @@ def run_grid(grid: Grid, train_script: str | Path = DEFAULT_TRAIN_SCRIPT, dry_ru
 
 
 def parse_args(argv: list[str]) -> AblateArguments:
-    from transformers import HfArgumentParser
-    if argv and not argv[0].startswith("-"):  # `python -m miniclip.ablate GRID.yaml ...`
+    if argv and not argv[0].startswith("-"):  # `python -m miniclip.apps.ablate GRID.yaml ...`
         argv = ["--grid", argv[0], *argv[1:]]
     (args,) = HfArgumentParser(AblateArguments).parse_args_into_dataclasses(args=argv)
     return args
@@ -353,5 +335,10 @@ def main(argv: list[str] | None = None) -> list[Run]:
     return runs
 
 
+def cli() -> None:
+    """The `miniclip-ablate` console script (and `python -m miniclip.apps.ablate`)."""
+    run_cli(main, prog="miniclip-ablate")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ClipConfig
+from miniclip.config import ClipConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint_io import atomic_write  # noqa: E402
-from .transforms import to_rgb  # noqa: E402
+from miniclip.evaluation.metrics import is_recall  # noqa: E402
+from miniclip.files import atomic_write  # noqa: E402
+from miniclip.transforms import to_rgb  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -86,7 +87,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, keys: Sequence[str] |
     if keys is None:
         present = {k for entry in history for k in entry}
         keys = [k for k in ("loss", "eval_loss") if k in present]
-        keys += sorted(k for k in present if "_R@" in k or k.endswith("mean_recall"))
+        keys += sorted(k for k in present if is_recall(k))
     keys = [k for k in keys if any(k in entry for entry in history)]
     if not keys:
         raise ValueError(f"no curve to plot: none of the keys is in the history (keys there: "

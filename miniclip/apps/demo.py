@@ -1,7 +1,7 @@
 """Search demo: a Gradio page over a caption file or an image folder. Type a description (English or Chinese, with
 the model's own tokenizer) or upload an image, and see the top-k most similar images with scores and captions.
 
-    python -m miniclip.demo --checkpoint TinyCLIP-ViT-40M-32-Text-19M --data en_val.json --port 7860
+    python -m miniclip.apps.demo --checkpoint TinyCLIP-ViT-40M-32-Text-19M --data en_val.json --port 7860
 
 Leaves out on purpose: share links, login, and more than one model per process (one model, one index).
 """
@@ -10,22 +10,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoints import load_model_and_tokenizer
-from .evaluation import UnreadableImageError, encode_images, encode_texts, open_image
-from .search_index import SearchIndex, build_index, default_cache_dir, read_image_set
-from .transforms import image_transform
+from miniclip.checkpoints.loading import load_model_and_tokenizer
+from miniclip.evaluation.encode import Encoder
+from miniclip.apps.cli import parse_dataclass, run_cli
+from miniclip.files import cache_dir as cache_dir_for
+from miniclip.apps.search_index import SearchIndex, build_index, read_image_set
+from miniclip.transforms import ImageDecodeError, image_transform, load_image
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000  # longer text is cut before tokenizing (the tokenizer keeps far fewer tokens anyway)
-INSTALL_HINT = ("miniclip.demo needs Gradio, an optional extra. Install it with:\n"
+INSTALL_HINT = ("miniclip.apps.demo needs Gradio, an optional extra. Install it with:\n"
                 "    pip install -e '.[demo]'      (from the miniclip repository; or: pip install 'gradio>=4')")
 
 
@@ -42,7 +43,7 @@ class DemoArguments:
     batch_size: int = field(default=64, metadata={"help": "Images per batch while building the index"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1... (default: cuda if available)"})
     cache_dir: str | None = field(default=None, metadata={
-        "help": f"Where built indexes are cached (default: {default_cache_dir()})"})
+        "help": f"Where built indexes are cached (default: {cache_dir_for('search_index')})"})
     no_cache: bool = field(default=False, metadata={"help": "Build the index in memory only; read and write no cache"})
     rebuild_index: bool = field(default=False, metadata={"help": "Ignore a cached index and build it again"})
 
@@ -67,10 +68,10 @@ def _long_twin(tokenizer):
 class Searcher:
     """The loaded model, tokenizer and index, and the two searches the page calls: the app's only state."""
 
-    def __init__(self, model, tokenizer, index: SearchIndex, device: str | torch.device = "cpu"):
-        self.model, self.tokenizer, self.index, self.device = model.eval(), tokenizer, index, torch.device(device)
-        self.transform = image_transform(model.config)
-        self.long_tokenizer = _long_twin(tokenizer)
+    def __init__(self, encoder: Encoder, index: SearchIndex):
+        self.encoder, self.index = encoder, index
+        self.model, self.tokenizer = encoder.model.eval(), encoder.tokenizer
+        self.long_tokenizer = _long_twin(self.tokenizer)
 
     def is_truncated(self, query: str) -> bool:
         """Did the tokenizer cut the query? Its pad id is 0 in both families, and a truncated query's end token
@@ -92,7 +93,7 @@ class Searcher:
             notes.append(f"The query is longer than the model's {self.tokenizer.context_length}-token context: "
                          "it was truncated and the rest was ignored.")
         start = time.perf_counter()
-        text_embeds = encode_texts(self.model, [query], self.tokenizer, device=self.device, progress=False)  # (1, D)
+        text_embeds = self.encoder.texts([query])  # (1, D)
         return self._results(text_embeds[0], k, start, notes)
 
     def image_search(self, upload: str | None, k: int) -> tuple[list[tuple[str, str]], str]:
@@ -100,11 +101,11 @@ class Searcher:
             return [], "Upload an image to find the most similar ones."
         start = time.perf_counter()
         try:
-            image = open_image(upload, min_size=self.model.config.vision_cfg.image_size)
-        except UnreadableImageError:
+            image = load_image(upload)
+        except ImageDecodeError:
             return [], (f"Could not read **{Path(upload).name}** as an image. "
                         "Upload a JPEG, PNG, WebP, BMP or GIF file.")
-        image_embeds = encode_images(self.model, [image], self.transform, device=self.device, progress=False)
+        image_embeds = self.encoder.images([image])  # (1, D)
         return self._results(image_embeds[0], k, start, [])
 
     def _results(self, query_embeds: torch.Tensor, k: int, start: float, notes: list[str]):
@@ -157,13 +158,7 @@ def _import_gradio():
 
 
 def parse_args(argv: list[str] | None = None) -> DemoArguments:
-    from transformers import HfArgumentParser
-    parser = HfArgumentParser(DemoArguments, description=__doc__.split("\n\n")[0])
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(argv[0])[0]
-    return parser.parse_args_into_dataclasses(argv)[0]
+    return parse_dataclass(DemoArguments, argv, description=__doc__.split("\n\n")[0])
 
 
 def load_searcher(args: DemoArguments) -> Searcher:
@@ -175,25 +170,29 @@ def load_searcher(args: DemoArguments) -> Searcher:
         logger.warning("%d of %d images listed in %s are missing on disk and were skipped (first: %s)",
                        len(image_set.missing), len(image_set.missing) + len(image_set.images), args.data,
                        image_set.missing[0])
-    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    index = build_index(model, image_set, image_transform(model.config), cache_dir, args.batch_size, device,
-                        rebuild=args.rebuild_index)
+    cache_dir = None if args.no_cache else (args.cache_dir or cache_dir_for("search_index"))
+    encoder = Encoder(model, image_transform(model.config), tokenizer, device=device,
+                      image_batch_size=args.batch_size)
+    index = build_index(encoder, image_set, cache_dir, rebuild=args.rebuild_index)
     logger.info(index_summary(index))
-    return Searcher(model, tokenizer, index, device)
+    encoder.progress = False  # single queries from the page
+    return Searcher(encoder, index)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     _import_gradio()  # fail before the slow model load and index build
-    try:
-        searcher = load_searcher(args)
-    except (FileNotFoundError, ValueError) as e:  # bad checkpoint / data: the message says what and how to fix it
-        raise SystemExit(f"miniclip.demo: {e}") from None
+    searcher = load_searcher(args)
     app = build_app(searcher, args.top_k, args.max_k)
     folders = sorted({str(p.parent) for p in searcher.index.images})  # Gradio serves only files under these
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=folders, show_error=False)
 
 
+def cli() -> None:
+    """The `miniclip-demo` console script (and `python -m miniclip.apps.demo`)."""
+    run_cli(main, prog="miniclip-demo")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint_io import atomic_write_text, save_safetensors
+from miniclip.files import atomic_write_text, save_safetensors
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ import re
 import torch
 from transformers import CLIPConfig
 
-from .config import ClipConfig, TextConfig, VisionConfig
+from miniclip.config import ClipConfig, TextConfig, VisionConfig
 
 Tensor = torch.Tensor
 _QKV = ("q_proj", "k_proj", "v_proj")  # HF keeps three Linears; open_clip's MultiheadAttention stacks them (q; k; v)
@@ -140,7 +140,7 @@ def hf_clip_to_miniclip(state: dict[str, Tensor], hf_config: dict) -> tuple[dict
     Dropped: `{text,vision}_model.embeddings.position_ids`, buffers older transformers versions saved (they hold
     arange(n), which the model rebuilds). Unrecognised keys are returned under their original name.
     """
-    check_model_type(hf_config, "clip", "For Chinese-CLIP use miniclip.convert_chinese.hf_chinese_clip_to_miniclip.")
+    check_model_type(hf_config, "clip", "For Chinese-CLIP use miniclip.checkpoints.chinese_clip.hf_chinese_clip_to_miniclip.")
     out: dict[str, Tensor] = {}
     ignored: list[str] = []
     hf_tower_to_open_clip(state, "vision_model.", "image_encoder.visual.", VISION_NAMES, out, ignored)
@@ -244,7 +244,7 @@ def check_eos_pooling(text) -> None:
 def hf_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:
     """`CLIPModel` config.json content -> ClipConfig (ViT + causal text transformer, OpenAI preprocessing)."""
     check_model_type(hf_config, "clip",
-                     "For Chinese-CLIP use miniclip.convert_chinese.hf_chinese_clip_config_to_miniclip.")
+                     "For Chinese-CLIP use miniclip.checkpoints.chinese_clip.hf_chinese_clip_config_to_miniclip.")
     cfg = CLIPConfig.from_dict(hf_config)  # fills HF's defaults for keys older files leave out
     text, vision = cfg.text_config, cfg.vision_config
     quick_gelu = activation_from_hf({"text_config": text.hidden_act, "vision_config": vision.hidden_act})

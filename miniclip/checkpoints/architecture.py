@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from .checkpoint_io import CheckpointError
-from .config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
+from miniclip.checkpoints.io import CheckpointError
+from miniclip.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
 
 logger = logging.getLogger(__name__)
 

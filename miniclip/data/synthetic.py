@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from miniclip.files import cache_dir
+
 VERSION = 1  # bump when the generator's output changes: cached sets with another version are regenerated
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -71,13 +73,6 @@ class SyntheticData:
     train_file: Path
     validation_file: Path
     test_file: Path
-
-
-def default_cache_dir() -> Path:
-    """$MINICLIP_CACHE/synthetic, else $XDG_CACHE_HOME/miniclip/synthetic, else ~/.cache/miniclip/synthetic."""
-    if os.environ.get("MINICLIP_CACHE"):
-        return Path(os.environ["MINICLIP_CACHE"]) / "synthetic"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "miniclip" / "synthetic"
 
 
 def all_combinations() -> list[tuple[str, str, str, str]]:
@@ -172,10 +167,10 @@ def _is_complete(root: Path, spec: SyntheticSpec) -> bool:
 
 
 def ensure_synthetic(root: str | Path | None = None, spec: SyntheticSpec = SyntheticSpec()) -> SyntheticData:
-    """The synthetic set under `root` (default `default_cache_dir()`), generated if missing or made by another spec
+    """The synthetic set under `root` (default `cache_dir("synthetic")`), generated if missing or made by another spec
     or version. Generation writes a temporary sibling folder and renames it into place, so an interrupted run
     never leaves a half-written set, and concurrent processes (one per GPU) end up with the same files."""
-    root = Path(root) if root is not None else default_cache_dir()
+    root = Path(root) if root is not None else cache_dir("synthetic")
     if not _is_complete(root, spec):
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))

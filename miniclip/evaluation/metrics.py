@@ -8,10 +8,23 @@ deterministically and never in the query's favour twice. Zero-shot classificatio
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 DEFAULT_KS = (1, 5, 10)
 CHUNK_ELEMENTS = 1 << 24  # scores held at once: 16M floats = 64 MB
+_RECALL = re.compile(r"(?:^|_)(?:t2i|i2t)_R@\d+$")
+
+
+def is_recall(key: str) -> bool:
+    """A recall in percent, however prefixed: t2i_R@5, eval_i2t_R@10, eval_mean_recall, first_caption_t2i_R@1."""
+    return bool(_RECALL.search(key)) or key.endswith("mean_recall")
+
+
+def is_retrieval_metric(key: str) -> bool:
+    """A recall or a median rank (what retrieval reports)."""
+    return is_recall(key) or key.endswith("median_rank")
 
 
 def _chunk_rows(n_rows: int, n_cols: int) -> int:
@@ -79,7 +92,7 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
         for k, value in recall_at(ranks, ks).items():
             metrics[f"{direction}_R@{k}"] = value
         metrics[f"{direction}_median_rank"] = (ranks.float() + 1).median().item()
-    recalls = [v for k, v in metrics.items() if "_R@" in k]
+    recalls = [v for k, v in metrics.items() if is_recall(k)]
     metrics["mean_recall"] = sum(recalls) / len(recalls)
     return metrics
 

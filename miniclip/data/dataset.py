@@ -11,29 +11,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Literal
 
 import datasets
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .captions import BadSamplePolicy, CaptionRecord, read_caption_file
-from .config import ClipConfig
-from .transforms import image_transform, load_image
+from miniclip.data.captions import BadSamplePolicy, CaptionRecord, read_caption_file
+from miniclip.config import ClipConfig, check_literal
+from miniclip.tokenizer import trim_tokens
+from miniclip.transforms import ImageDecodeError, image_transform, load_image
 
 logger = logging.getLogger(__name__)
 
 CaptionMode = Literal["random", "all"]
-
-
-class ImageDecodeError(ValueError):
-    """An image listed in a caption file cannot be opened or decoded. The message names the file and the entry."""
-
-
-def _check(value, literal, what: str) -> None:
-    if value not in get_args(literal):
-        raise ValueError(f"{what}={value!r} is not one of {list(get_args(literal))}")
 
 
 def caption_choice(seed: int, epoch: int, index: int, n_captions: int) -> int:
@@ -65,13 +57,12 @@ class _Decode:
                 caption_index = caption_choice(self.seed, int(self.epoch), index, len(row_captions))
             try:
                 decoded = load_image(image, self.draft_size)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                raise ImageDecodeError(f"entry {index} (image {image}): cannot decode the image: "
-                                       f"{type(e).__name__}: {e}. Fix: replace or remove the file, or use the "
+            except ImageDecodeError as e:
+                raise ImageDecodeError(f"entry {index}: {e}. Fix: replace or remove the file, or use the "
                                        "bad-sample policy 'skip' to drop such samples.") from e
             # Random augmentation drawn from (seed, epoch, index) too, not from the global RNG stream: the
             # dataloader prefetches batches, so a checkpoint's saved RNG state is ahead of the batch that follows
-            # it, and a resumed run would otherwise crop differently. (Added by the trainer helper.)
+            # it, and a resumed run would otherwise crop differently.
             # Only the CPU generator (torchvision's transforms draw from it): torch.manual_seed would also reseed
             # every CUDA generator, which fork_rng(devices=[]) does not restore, and costs ~160 us per sample.
             with torch.random.fork_rng(devices=[]):
@@ -93,8 +84,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[CaptionRecord], transform: Callable, caption_mode: CaptionMode = "random",
                  seed: int = 0, on_bad: BadSamplePolicy = "error", draft_size: int | None = None):
-        _check(caption_mode, CaptionMode, "caption_mode")
-        _check(on_bad, BadSamplePolicy, "on_bad")
+        check_literal(caption_mode, CaptionMode, "caption_mode")
+        check_literal(on_bad, BadSamplePolicy, "on_bad")
         if not records:
             raise ValueError("no caption records: the data set is empty")
         self.caption_mode, self.on_bad = caption_mode, on_bad
@@ -165,21 +156,6 @@ class EpochCallback(TrainerCallback):
         # state.epoch = epochs done so far as a float (1.5 = halfway through the second epoch); its floor is the
         # epoch about to run. A tiny tolerance absorbs float error in epoch + steps / steps_per_epoch.
         self.dataset.set_epoch(int(np.floor((state.epoch or 0.0) + 1e-9)))
-
-
-def trim_tokens(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the padding columns after the batch's longest sequence. BERT (with an attention_mask): the mask says
-    where each row ends. CLIP BPE: each row ends at its EOT, the highest token id (argmax), where the causal tower
-    pools, so the columns after the last EOT change nothing; attention_mask marks positions up to the EOT (not
-    `input_ids != 0`: id 0 is the byte token "!", which can occur inside a caption)."""
-    input_ids = tokens["input_ids"]  # (B, L)
-    if "attention_mask" in tokens:
-        attention_mask = tokens["attention_mask"]
-    else:
-        eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
-        attention_mask = (torch.arange(input_ids.shape[1]).unsqueeze(0) <= eot).long()  # (B, L)
-    length = int(attention_mask.sum(dim=1).max())
-    return {"input_ids": input_ids[:, :length].contiguous(), "attention_mask": attention_mask[:, :length].contiguous()}
 
 
 @dataclass

@@ -11,22 +11,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback, TwoStageCallback
-from .captions import CaptionRecord
-from .config import _check_literal
-from .loss import build_loss
+from miniclip.checkpoints.io import CheckpointError
+from miniclip.checkpoints.saving import save_pretrained
+from miniclip.config import check_literal
+from miniclip.data.captions import CaptionRecord
+from miniclip.evaluation.encode import Encoder, evaluate_retrieval
+from miniclip.files import atomic_write_text
+from miniclip.loss import build_loss
+from miniclip.training.arguments import ClipTrainingArguments, LossKind
+
+__all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
+from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
+from miniclip.training.locking import Locks, TwoStageCallback, apply_locks, frozen_batchnorms
+from miniclip.transforms import image_transform
 
 logger = logging.getLogger(__name__)
 
-LossKind = Literal["clip", "siglip"]
 # Parameters named like this never decay, whatever their shape: decaying an embedding table or the temperature
 # pulls them towards zero for no regularisation benefit (open_clip and Chinese-CLIP exclude them too).
 NO_DECAY_NAMES = frozenset({"logit_scale", "logit_bias", "token_embedding", "positional_embedding", "class_embedding",
@@ -42,28 +49,6 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
     the temperature. 1-D parameters (LayerNorm / BatchNorm gains, biases, the ViT class token) never decay."""
     return [name for name, p in model.named_parameters()
             if p.ndim >= 2 and not NO_DECAY_NAMES.intersection(name.split("."))]
-
-
-@dataclass
-class ClipTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the contrastive-batch options of `ClipTrainer`."""
-    feature_accum_steps: int = field(default=1, metadata={"help": (
-        "Cached-feature gradient accumulation (open_clip's accum_freq): each optimizer step takes this many "
-        "micro-batches of per_device_train_batch_size, computes all their features without gradients, then "
-        "recomputes each micro-batch with gradients against the cached others, so every sample meets the negatives "
-        "of the whole accumulated batch (unlike gradient_accumulation_steps, whose micro-batches only see their own "
-        "negatives). Costs one extra forward pass. 1 = off.")})
-    local_loss: bool = field(default=False, metadata={"help": (
-        "With several processes, score only this process's rows against all gathered columns (open_clip's local "
-        "loss): less logit memory, same gradient.")})
-    gather_with_grad: bool = field(default=True, metadata={"help": (
-        "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
-        "through other processes' copies of the features.")})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.feature_accum_steps < 1:
-            raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
 
 
 def _scalar(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -92,17 +77,15 @@ def _check_records(records, what: str) -> None:
         if not isinstance(group, (list, tuple)) or not all(isinstance(r, CaptionRecord) for r in group):
             raise ValueError(f"{what} must be a list of CaptionRecord (or a dict of such lists) for retrieval "
                              f"evaluation, got {type(group).__name__}. Fix: pass "
-                             "miniclip.captions.read_caption_file(validation_file)")
+                             "miniclip.data.captions.read_caption_file(validation_file)")
 
 
 class ClipTrainer(Trainer):
     """`Trainer` for `MiniClip`. Extra arguments:
 
     loss: "clip" (symmetric cross-entropy) or "siglip" (sigmoid; the model needs a logit_bias).
-    unlock_image_step: two-stage training; the image-tower parameters locked on entry (requires_grad=False) are
-        trained from this optimizer step on (see callbacks.TwoStageCallback).
-    freeze_bn_stats: BatchNorm layers whose parameters are all locked run in eval mode, so their running statistics
-        stay as loaded (re-applied at every step, as Trainer calls model.train()).
+    locks: what to lock (locking.Locks: LiT towers, the two-stage unlock step, frozen BatchNorm statistics),
+        applied here once; towers the caller locked already stay locked.
     eval_dataset: a list of CaptionRecord (or a dict name -> list); `evaluate()` reports retrieval on them.
     eval_transform: image transform for evaluation (default: the model family's eval transform).
     processing_class: the tokenizer (saved with every checkpoint, used by evaluation).
@@ -110,58 +93,34 @@ class ClipTrainer(Trainer):
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by the accumulation steps
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, *, loss: LossKind = "clip",
-                 unlock_image_step: int | None = None, freeze_bn_stats: bool = True, eval_transform=None,
-                 **kwargs):
-        _check_literal(loss, LossKind, "loss")
+                 locks: Locks | None = None, eval_transform=None, **kwargs):
+        check_literal(loss, LossKind, "loss")
         if loss == "siglip" and getattr(model, "logit_bias", None) is None:
             raise ValueError("loss='siglip' needs a model with a learnt logit_bias: set init_logit_bias in the model "
                              "config (SigLIP uses -10) or pass --init_logit_bias -10 to train.py")
         _check_records(kwargs.get("eval_dataset"), "eval_dataset")
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [LogitScaleClampCallback(), NonFiniteLossCallback(self), CurvesCallback()]
-        if unlock_image_step is not None:
-            if args is not None and args.ddp_find_unused_parameters is False:
-                raise ValueError("unlock_image_step needs ddp_find_unused_parameters (the locked image tower gets "
-                                 "no gradient in stage 1); leave it unset (MiniClip defaults to True) or set True")
-            callbacks.append(TwoStageCallback(self._staged_image_params(model, unlock_image_step), unlock_image_step))
+        locks = locks or Locks()
+        if locks.unlock_image_step is not None and args is not None and args.ddp_find_unused_parameters is False:
+            raise ValueError("unlock_image_step needs ddp_find_unused_parameters (the locked image tower gets "
+                             "no gradient in stage 1); leave it unset (MiniClip defaults to True) or set True")
+        staged = apply_locks(model, locks)
+        if staged:
+            callbacks.append(TwoStageCallback(staged, locks.unlock_image_step, frozen_batchnorms(model.image_encoder)))
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self._first_nonfinite = None  # (step, loss) device tensors, see _note_nonfinite
         self.model_accepts_loss_kwargs = False  # MiniClip.forward takes **unused; no token-count normalisation
         self.loss_fn = build_loss(loss, local_loss=getattr(self.args, "local_loss", False),
                                   gather_with_grad=getattr(self.args, "gather_with_grad", True))
-        self.freeze_bn_stats = freeze_bn_stats
+        self.locks = locks
         self.feature_accum_steps = getattr(self.args, "feature_accum_steps", 1)
         # The dataloader yields all micro-batches of one cached-feature step at once: k * per-device batch.
         self._train_batch_size *= self.feature_accum_steps
-        if eval_transform is None:
-            from .transforms import image_transform
-            eval_transform = image_transform(model.config, train=False)
-        self.eval_transform = eval_transform
-
-    @staticmethod
-    def _staged_image_params(model: nn.Module, unlock_step: int) -> list[nn.Parameter]:
-        if unlock_step < 0:
-            raise ValueError(f"unlock_image_step={unlock_step} must be >= 0")
-        staged = [p for p in model.image_encoder.parameters() if not p.requires_grad]
-        if not staged:
-            raise ValueError("unlock_image_step is set but the image tower has no locked parameter: lock it first "
-                             "(model.lock_image_tower(), --lock_image in train.py)")
-        for p in staged:  # see TwoStageCallback: the optimizer and DDP must know them from the start
-            p.requires_grad_(True)
-        return staged
+        self.eval_transform = eval_transform or image_transform(model.config, train=False)
 
     # --- loss ---------------------------------------------------------------------------------------------------------
-    def _freeze_locked_batchnorm(self) -> None:
-        if not self.freeze_bn_stats:
-            return
-        for module in self.accelerator.unwrap_model(self.model).modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                params = list(module.parameters())
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._freeze_locked_batchnorm()
         outputs = model(**inputs)
         loss = self.loss_fn(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
                             _scalar(outputs.logit_bias))
@@ -210,7 +169,6 @@ class ClipTrainer(Trainer):
         The RNG state is replayed per micro-batch so dropout masks match between the two passes."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self._freeze_locked_batchnorm()
         n = min(self.feature_accum_steps, len(inputs["pixel_values"]))
         chunks = [dict(zip(inputs, parts)) for parts in zip(*(torch.tensor_split(v, n) for v in inputs.values()))]
         states, images, texts = [], [], []
@@ -269,8 +227,6 @@ class ClipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A miniclip folder (model.safetensors, model_config.json, tokenizer files; each written atomically) that
         `MiniClip.from_pretrained` loads; plus the training arguments as JSON."""
-        from .checkpoint_io import atomic_write_text
-        from .checkpoints import save_pretrained
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -281,8 +237,6 @@ class ClipTrainer(Trainer):
 
     def _load_weights(self, folder: str) -> None:
         """Strictly: every tensor of the model must be in the checkpoint with its shape, and nothing else."""
-        from safetensors.torch import load_file
-        from .checkpoint_io import CheckpointError
         path = Path(folder) / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"no model.safetensors in checkpoint {folder}: is it a ClipTrainer checkpoint? "
@@ -329,16 +283,20 @@ class ClipTrainer(Trainer):
         return metrics
 
     def _retrieval_metrics(self, records: list[CaptionRecord], prefix: str) -> dict[str, float]:
-        from .evaluation import evaluate_retrieval
         start = time.time()
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        raw = evaluate_retrieval(model, list(records), self.processing_class, self.eval_transform,
-                                 batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                 dtype=dtype, progress=not self.args.disable_tqdm)
+        raw = evaluate_retrieval(self.encoder(), list(records))
         metrics = {f"{prefix}_{k}": v for k, v in raw.items()}
         metrics[f"{prefix}_runtime"] = round(time.time() - start, 3)
         return metrics
+
+
+    def encoder(self) -> Encoder:
+        """How evaluation encodes: the unwrapped model in the run's precision, the eval transform and tokenizer."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        batch = self.args.per_device_eval_batch_size
+        return Encoder(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.eval_transform,
+                       self.processing_class, device=self.args.device, dtype=dtype, image_batch_size=batch,
+                       text_batch_size=max(batch, 256), progress=not self.args.disable_tqdm)
 
 
 class _StateView:
@@ -346,7 +304,7 @@ class _StateView:
 
     def __init__(self, model: nn.Module, state_dict: dict):
         self.config, self._state = model.config, state_dict
-        self.checkpoint_dir = getattr(model, "checkpoint_dir", None)
+        self.checkpoint_dir = model.checkpoint_dir
 
     def state_dict(self) -> dict:
         return self._state

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Literal, get_args
 
 import torch
 
-from .captions import read_caption_file
-from .evaluation import encode_image_files
-from .features import FeatureCacheError, cached_features, files_fingerprint, model_fingerprint
+from miniclip.data.captions import read_caption_file
+from miniclip.evaluation.encode import Encoder
+from miniclip.evaluation.feature_cache import FeatureCacheError, cached_features, files_fingerprint, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +108,6 @@ def _has_faiss() -> bool:
     return True
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "miniclip" / "search_index"
-
-
 def index_key(model, image_set: ImageSet) -> dict:
     """What the embeddings depend on: the weights (by content), the config (incl. preprocessing) and the image files
     (path, size, mtime). The cache file is named after this key, so a changed model or folder gets a new file."""
@@ -120,19 +115,18 @@ def index_key(model, image_set: ImageSet) -> dict:
             "images": files_fingerprint(image_set.images)}
 
 
-def build_index(model, image_set: ImageSet, transform, cache_dir: str | Path | None = None, batch_size: int = 64,
-                device=None, dtype=None, rebuild: bool = False, progress: bool = True) -> SearchIndex:
+def build_index(encoder: Encoder, image_set: ImageSet, cache_dir: str | Path | None = None,
+                rebuild: bool = False) -> SearchIndex:
     """Load the cached index for (model weights, image files), else encode every image (unreadable files are
     skipped and counted) and cache the result. cache_dir=None encodes without caching."""
     start, computed = time.perf_counter(), []
 
     def compute() -> dict[str, torch.Tensor]:
         computed.append(True)
-        image_embeds, kept = encode_image_files(model, image_set.images, transform, batch_size, device, dtype,
-                                                progress, skip_unreadable=True)
+        image_embeds, kept = encoder.image_files(image_set.images, skip_unreadable=True)
         return {"image_embeds": image_embeds, "kept": kept}  # (N, D), (N,) rows of image_set.images
 
-    key = index_key(model, image_set)
+    key = index_key(encoder.model, image_set)
     name = "index-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     try:
         tensors = cached_features(cache_dir, name, key, compute, overwrite=rebuild)

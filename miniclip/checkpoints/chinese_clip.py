@@ -11,8 +11,8 @@ import re
 import torch
 from transformers import ChineseCLIPConfig
 
-from .config import ClipConfig, PreprocessConfig, TextConfig
-from .convert_hf import (IGNORED_BUFFERS, VISION_NAMES, activation_from_hf, add_hf_heads, check_hf_exportable,
+from miniclip.config import ClipConfig, PreprocessConfig, TextConfig
+from miniclip.checkpoints.hf_clip import (IGNORED_BUFFERS, VISION_NAMES, activation_from_hf, add_hf_heads, check_hf_exportable,
                          check_model_type, hf_tower_to_open_clip, open_clip_tower_to_hf, put, transposed,
                          vision_config_from_hf, vision_config_to_hf)
 
@@ -71,7 +71,7 @@ def hf_chinese_clip_to_miniclip(state: dict[str, Tensor], hf_config: dict) -> tu
     Dropped: `text_model.pooler.*` (ChineseCLIPModel builds its text model without a pooler; files written by
     other tools may carry one) and the `embeddings.position_ids` / `token_type_ids` buffers of older files.
     """
-    check_model_type(hf_config, "chinese_clip", "For OpenAI-style CLIP use miniclip.convert_hf.hf_clip_to_miniclip.")
+    check_model_type(hf_config, "chinese_clip", "For OpenAI-style CLIP use miniclip.checkpoints.hf_clip.hf_clip_to_miniclip.")
     out: dict[str, Tensor] = {}
     ignored: list[str] = []
     hf_tower_to_open_clip(state, "vision_model.", "image_encoder.visual.", VISION_NAMES, out, ignored)
@@ -109,7 +109,7 @@ def hf_chinese_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:
     default); BERT keeps its own `hidden_act` ("gelu") and `layer_norm_eps` (1e-12).
     """
     check_model_type(hf_config, "chinese_clip",
-                     "For OpenAI-style CLIP use miniclip.convert_hf.hf_clip_config_to_miniclip.")
+                     "For OpenAI-style CLIP use miniclip.checkpoints.hf_clip.hf_clip_config_to_miniclip.")
     cfg = ChineseCLIPConfig.from_dict(hf_config)  # fills HF's defaults for keys older files leave out
     text, vision = cfg.text_config, cfg.vision_config
     position_type = getattr(text, "position_embedding_type", "absolute")

@@ -9,13 +9,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .evaluation import encode_texts
+from miniclip.config import check_literal
+from miniclip.evaluation.encode import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
 def get_templates(which: TemplateSet = "auto", config=None) -> tuple[str, ...]:
     """A template set by name; "auto" picks Chinese for a BERT (Chinese-CLIP) text tower, else English."""
-    if which not in get_args(TemplateSet):
-        raise ValueError(f"templates={which!r} is not one of {list(get_args(TemplateSet))}")
+    check_literal(which, TemplateSet, "templates")
     if which == "auto":
         if config is None:
             raise ValueError('templates="auto" needs the model config to choose English or Chinese prompts')
@@ -78,8 +78,7 @@ def get_templates(which: TemplateSet = "auto", config=None) -> tuple[str, ...]:
             "simple": SIMPLE_TEMPLATES}[which]
 
 
-def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256,
-                        device=None, dtype=None, progress: bool = True) -> torch.Tensor:
+def zeroshot_classifier(encoder: Encoder, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """One embedding per class (C, D): every template filled with the class name, the normalised text embeddings
     averaged and renormalised (CLIP's prompt ensembling, Radford et al. 2021, sec. 3.1.4)."""
     if not classnames:
@@ -87,7 +86,7 @@ def zeroshot_classifier(model, tokenizer, classnames: Sequence[str], templates: 
     if not templates or not all("{}" in t for t in templates):
         raise ValueError(f"templates must be a non-empty list of strings with a '{{}}' slot, got {list(templates)[:3]}")
     texts = [t.format(name) for name in classnames for t in templates]
-    embeds = encode_texts(model, texts, tokenizer, batch_size, device, dtype, progress)  # (C*T, D) normalised
+    embeds = encoder.texts(texts)  # (C*T, D) normalised
     embeds = embeds.view(len(classnames), len(templates), -1).mean(1)  # (C, D)
     return F.normalize(embeds, dim=-1)
 

@@ -1,0 +1,199 @@
+"""A training run from the command line: `python train.py ...` and the `miniclip-train` console script.
+
+Arguments (training/arguments.py) -> caption files -> model (from scratch or a checkpoint) -> `ClipTrainer` -> a
+miniclip folder in output_dir, curves, and retrieval on the validation / test files. Leaves out on purpose: anything a
+`TrainingArguments` flag already does (precision, schedules, logging integrations, checkpoint rotation).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import set_seed
+
+from miniclip.apps.cli import run_cli
+from miniclip.checkpoints import load_model_and_tokenizer
+from miniclip.config import ClipConfig, load_model_config
+from miniclip.data.captions import CaptionRecord, read_caption_file
+from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
+from miniclip.data.synthetic import ensure_synthetic
+from miniclip.evaluation.metrics import is_retrieval_metric
+from miniclip.model import LogitBias, MiniClip
+from miniclip.tokenizer import get_tokenizer
+from miniclip.training.arguments import ClipTrainingArguments, DataArguments, ModelArguments, parse_args
+from miniclip.training.trainer import ClipTrainer
+from miniclip.transforms import ImageDecodeError, image_transform, load_image
+
+logger = logging.getLogger("miniclip.train")
+CHECKPOINT_DONE = "trainer_state.json"  # the Trainer writes it last: a checkpoint folder without it is incomplete
+
+
+@dataclass
+class RunResult:
+    """What `main` did: the output folder, Trainer metrics, and retrieval metrics (None when not evaluated)."""
+    output_dir: Path
+    train_metrics: dict
+    eval_metrics: dict | None
+    test_metrics: dict | None
+    trainer: ClipTrainer
+
+
+# --- model ------------------------------------------------------------------------------------------------------------
+def build_model(args: ModelArguments):
+    """(MiniClip, tokenizer) from scratch (--model_config) or from a checkpoint (--pretrained)."""
+    siglip = args.loss == "siglip"
+    bias = args.init_logit_bias if args.init_logit_bias is not None else (-10.0 if siglip else None)
+    if args.pretrained is not None:
+        model, tokenizer = load_model_and_tokenizer(args.pretrained, config=args.model_config,
+                                                    format=args.pretrained_format, image_size=args.image_size,
+                                                    context_length=args.context_length)
+        model.train()
+        if args.init_logit_scale is not None:
+            with torch.no_grad():
+                model.logit_scale.logit_scale.fill_(args.init_logit_scale)
+        if bias is not None and (model.logit_bias is None or args.init_logit_bias is not None):
+            model.logit_bias = LogitBias(bias)
+            model.config.init_logit_bias = bias  # saved with the model, so from_pretrained rebuilds it
+    else:
+        data = load_model_config(args.model_config).to_dict()
+        if args.image_size is not None:
+            data["vision_cfg"]["image_size"] = args.image_size
+        if args.context_length is not None:
+            data["text_cfg"]["context_length"] = args.context_length
+        if args.init_logit_scale is not None:
+            data["init_logit_scale"] = args.init_logit_scale
+        elif siglip:
+            data["init_logit_scale"] = math.log(10)  # SigLIP's initial temperature and bias: ln 10, -10
+        if bias is not None:
+            data["init_logit_bias"] = bias
+        config = ClipConfig.from_dict(data, where=f"model config {args.model_config}")  # validated again
+        model, tokenizer = MiniClip(config), get_tokenizer(config)
+    model.logit_scale.logit_scale.requires_grad_(args.learn_logit_scale)
+    return model, tokenizer
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[CaptionRecord]:
+    """Evaluation records whose image decodes; with on_bad='error' the first bad one raises (file and entry)."""
+    kept = []
+    for index, record in enumerate(records):
+        try:
+            load_image(record.image, draft_size=64)
+            kept.append(record)
+        except ImageDecodeError as e:
+            if on_bad == "error":
+                raise ImageDecodeError(f"{path}: entry {index}: {e}. Fix the file, or pass --on_bad skip") from None
+            logger.warning("%s: skipping entry %d: image %s cannot be decoded", path, index, record.image)
+    if len(kept) < len(records):
+        logger.warning("%s: skipped %d unreadable image(s) of %d", path, len(records) - len(kept), len(records))
+    return kept
+
+
+def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None) -> list[CaptionRecord] | None:
+    if path is None:
+        return None
+    records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    return _readable(records[:limit] if limit else records, data_args.on_bad, path)
+
+
+def default_run_data(data_args: DataArguments) -> None:
+    """The embedded default run: point the data arguments at the synthetic set (generated once, then cached)."""
+    synthetic = ensure_synthetic(data_args.synthetic_dir)
+    logger.info("default run: synthetic captioned shapes in %s", synthetic.root)
+    data_args.train_file = str(synthetic.train_file)
+    data_args.validation_file = data_args.validation_file or str(synthetic.validation_file)
+    data_args.test_file = data_args.test_file or str(synthetic.test_file)
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """--resume_from_checkpoint: a folder, or 'latest' = the newest complete checkpoint-N in output_dir (None, with
+    a log line, when there is none yet: a restarted job then simply starts)."""
+    if value is None or value.lower() in ("", "none", "false"):
+        return None
+    if value.lower() in ("latest", "last", "true"):
+        done = [p for p in Path(output_dir).glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_DONE).is_file()]
+        if not done:
+            logger.warning("no complete checkpoint in %s yet: starting from the beginning", output_dir)
+            return None
+        return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+    if not (Path(value) / CHECKPOINT_DONE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no "
+                                f"{CHECKPOINT_DONE}). Fix: pass a checkpoint-N folder, or 'latest'")
+    return value
+
+
+def _setup_logging(training_args: ClipTrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    # miniclip's own progress lines (skipped samples, unlocking, files written) on the main process
+    logging.getLogger("miniclip").setLevel(logging.INFO if training_args.should_log else level)
+
+
+def _report(name: str, metrics: dict) -> None:
+    keys = [k for k in metrics if is_retrieval_metric(k)]
+    logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
+
+
+def main(argv: list[str] | None = None) -> RunResult:
+    model_args, data_args, training_args, default_run = parse_args(sys.argv[1:] if argv is None else list(argv))
+    training_args.remove_unused_columns = False  # the collator needs the raw "caption" column
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    if default_run:
+        default_run_data(data_args)
+        if training_args.use_cpu and training_args.dataloader_num_workers:
+            # leave the decoding workers their cores: on 2 cores, 2 compute threads + 1 worker thrash
+            torch.set_num_threads(max(1, torch.get_num_threads() - training_args.dataloader_num_workers))
+    if data_args.train_file is None:
+        raise ValueError("--pretrained needs --train_file (the captions to finetune on); the embedded default run "
+                         "trains from scratch on its synthetic set")
+    # Caption files first: a bad file fails in a second, before any model is built.
+    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
+    test_records = read_eval_records(data_args.test_file, data_args, None)
+    model, tokenizer = build_model(model_args)
+    image_size = model.config.vision_cfg.image_size
+    train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
+                                  seed=training_args.seed, max_samples=data_args.max_train_samples,
+                                  on_bad=data_args.on_bad, image_size=image_size)
+    logger.info("%d training images (%d pairs per epoch), %s validation images", len(records), len(train_dataset),
+                len(eval_records) if eval_records else "no")
+
+    trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
+                          eval_dataset=eval_records, data_collator=ClipCollator(tokenizer), processing_class=tokenizer,
+                          eval_transform=image_transform(model.config, train=False, image_size=image_size),
+                          callbacks=[EpochCallback(train_dataset)])
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    eval_metrics = test_metrics = None
+    if eval_records:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        _report("validation", eval_metrics)
+    if test_records:
+        test_metrics = trainer.evaluate(test_records, metric_key_prefix="test")
+        trainer.save_metrics("test", test_metrics)
+        _report("test", test_metrics)
+    return RunResult(Path(training_args.output_dir), train_result.metrics, eval_metrics, test_metrics, trainer)
+
+
+def cli() -> None:
+    """The `miniclip-train` console script (and `python train.py`)."""
+    run_cli(main, prog="train.py")
+
+
+if __name__ == "__main__":
+    cli()

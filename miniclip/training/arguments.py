@@ -1,0 +1,169 @@
+"""The command-line arguments of a training run as typed dataclasses (`HfArgumentParser` reads them from flags or a
+JSON / YAML file): `ModelArguments`, `DataArguments`, `ClipTrainingArguments` (TrainingArguments plus the
+contrastive-batch options), the one default-run definition, and `parse_args`.
+
+Leaves out on purpose: running anything (apps/train.py does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from miniclip.config import check_literal
+from miniclip.data.captions import BadSamplePolicy
+from miniclip.data.dataset import CaptionMode
+from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
+from miniclip.training.locking import Locks
+
+LossKind = Literal["clip", "siglip"]
+
+
+@dataclass
+class ModelArguments:
+    model_config: str | None = field(default=None, metadata={"help": (
+        "Model config name (see miniclip.list_model_configs(): tiny-vit, TinyCLIP-ViT-8M-16-Text-3M, ...) or a JSON "
+        "file: trains from scratch. With --pretrained: the architecture to load the checkpoint into (default: "
+        "the checkpoint's own).")})
+    pretrained: str | None = field(default=None, metadata={"help": (
+        "Checkpoint to start from: a miniclip / open_clip / OpenAI / Hugging Face / Chinese-CLIP file or folder, "
+        "or a known name (see miniclip.checkpoints).")})
+    pretrained_format: str = field(default="auto", metadata={"help": "Checkpoint layout of --pretrained ('auto' "
+                                                                     "detects it)."})
+    image_size: int | None = field(default=None, metadata={"help": (
+        "Train at this image size (position embeddings of a pretrained ViT are interpolated).")})
+    context_length: int | None = field(default=None, metadata={"help": (
+        "Text context length in tokens (a pretrained tower's position embeddings are truncated or extended; "
+        "captions are tokenized to this length).")})
+    lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (LiT, Zhai et al. 2022)."})
+    lock_image_unlocked_groups: int = field(default=0, metadata={"help": (
+        "With --lock_image: leave this many last layer groups of the image tower trainable.")})
+    lock_image_freeze_bn_stats: bool = field(default=True, metadata={"help": (
+        "BatchNorm layers of the locked image tower keep their running statistics (eval mode).")})
+    lock_text: bool = field(default=False, metadata={"help": "Freeze the text tower."})
+    lock_text_unlocked_layers: int = field(default=0, metadata={"help": (
+        "With --lock_text: leave this many last layers (groups) of the text tower trainable.")})
+    unlock_image_step: int | None = field(default=None, metadata={"help": (
+        "Two-stage training as Chinese-CLIP: the image tower is locked (as --lock_image) until this optimizer "
+        "step, then trained with the rest.")})
+    init_logit_scale: float | None = field(default=None, metadata={"help": (
+        "Initial log of the logit scale (default: the config's, ln(1/0.07); ln 10 for --loss siglip from "
+        "scratch). Also overrides a pretrained value.")})
+    learn_logit_scale: bool = field(default=True, metadata={"help": "Whether the logit scale is trained."})
+    init_logit_bias: float | None = field(default=None, metadata={"help": (
+        "Initial logit bias of the sigmoid loss (default -10 for --loss siglip, as SigLIP).")})
+    loss: LossKind = field(default="clip", metadata={"help": (
+        "'clip': symmetric cross-entropy (InfoNCE); 'siglip': pairwise sigmoid loss with a learnt bias.")})
+
+    def __post_init__(self):
+        check_literal(self.loss, LossKind, "loss")
+        if self.model_config is None and self.pretrained is None:
+            raise ValueError("give --model_config NAME (train from scratch) or --pretrained CHECKPOINT (finetune); "
+                             "see miniclip.list_model_configs() for the names")
+        for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.unlock_image_step is not None:
+            if self.unlock_image_step < 1:
+                raise ValueError(f"--unlock_image_step={self.unlock_image_step} must be >= 1 (an optimizer step)")
+            self.lock_image = True  # stage 1 is a locked image tower
+
+    def locks(self) -> Locks:
+        """What ClipTrainer locks (training/locking.py)."""
+        return Locks(image=self.lock_image, image_unlocked_groups=self.lock_image_unlocked_groups,
+                     text=self.lock_text, text_unlocked_layers=self.lock_text_unlocked_layers,
+                     unlock_image_step=self.unlock_image_step, freeze_bn_stats=self.lock_image_freeze_bn_stats)
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": (
+        'Training captions: a JSON list [{"image": "images/x.jpg", "caption": ["...", ...]}], JSON Lines, or CSV '
+        "with image / caption columns. Without it: the embedded default run on a synthetic set.")})
+    validation_file: str | None = field(default=None, metadata={"help": (
+        "Validation captions (same formats): retrieval recall during training (eval_strategy) and at the end.")})
+    test_file: str | None = field(default=None, metadata={"help": "Captions evaluated once, after training."})
+    image_root: str | None = field(default=None, metadata={"help": (
+        "Folder image paths are relative to (default: the folder of each caption file). Paths may not escape it.")})
+    caption_mode: CaptionMode = field(default="random", metadata={"help": (
+        "'random': one caption per image per epoch, picked from (seed, epoch, index), so resumes reproduce it; "
+        "'all': every caption is its own training pair.")})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    on_bad: BadSamplePolicy = field(default="error", metadata={"help": (
+        "Bad samples (missing / corrupt image, empty captions, path outside the root): 'error' stops with the "
+        "file and entry; 'skip' drops them and counts them in the log.")})
+    augment: bool = field(default=True, metadata={"help": (
+        "Random resized crop (scale 0.9-1) on training images; false = the evaluation transform.")})
+    synthetic_dir: str | None = field(default=None, metadata={"help": (
+        "Default run only: where the synthetic set is cached (default $MINICLIP_CACHE/synthetic or "
+        "~/.cache/miniclip/synthetic).")})
+
+    def __post_init__(self):
+        check_literal(self.caption_mode, CaptionMode, "caption_mode")
+        check_literal(self.on_bad, BadSamplePolicy, "on_bad")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be a positive number of images")
+
+
+# The embedded default run (no --train_file): what it sets unless the command line / args file says otherwise.
+# Tuned on a 2-core CPU: model_configs/tiny-default.json (tiny-vit with 8-pixel patches: 64 tokens an image), 20
+# epochs of 24 steps at batch 128, AdamW at 3e-3 with cosine decay; one dataloader worker decodes while the main
+# process computes on the other core. The data comes from data/synthetic.py.
+DEFAULT_RUN: dict = {
+    "model_config": "tiny-default", "output_dir": "output/default", "caption_mode": "random",
+    "per_device_train_batch_size": 128, "per_device_eval_batch_size": 128, "num_train_epochs": 20,
+    "learning_rate": 3e-3, "weight_decay": 0.1, "warmup_steps": 50, "lr_scheduler_type": "cosine",
+    "logging_steps": 20, "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "use_cpu": True,
+    "bf16": True, "seed": 0, "dataloader_num_workers": 1, "dataloader_persistent_workers": True,
+}
+
+
+@dataclass
+class ClipTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the contrastive-batch options of `ClipTrainer`."""
+    feature_accum_steps: int = field(default=1, metadata={"help": (
+        "Cached-feature gradient accumulation (open_clip's accum_freq): each optimizer step takes this many "
+        "micro-batches of per_device_train_batch_size, computes all their features without gradients, then "
+        "recomputes each micro-batch with gradients against the cached others, so every sample meets the negatives "
+        "of the whole accumulated batch (unlike gradient_accumulation_steps, whose micro-batches only see their own "
+        "negatives). Costs one extra forward pass. 1 = off.")})
+    local_loss: bool = field(default=False, metadata={"help": (
+        "With several processes, score only this process's rows against all gathered columns (open_clip's local "
+        "loss): less logit memory, same gradient.")})
+    gather_with_grad: bool = field(default=True, metadata={"help": (
+        "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
+        "through other processes' copies of the features.")})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_accum_steps < 1:
+            raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+
+
+def as_argv(values: dict) -> list[str]:
+    """{"learning_rate": 1e-3} -> ["--learning_rate", "0.001"]: a mapping as command-line flags."""
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def is_args_file(argv: list[str]) -> bool:
+    """A single .json / .yaml / .yml argument is an arguments file (transformers' run_clip convention)."""
+    return len(argv) == 1 and argv[0].endswith(MAPPING_SUFFIXES) and not argv[0].startswith("-")
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ClipTrainingArguments, bool]:
+    """-> (model, data, training arguments, is_default_run). Flags, or one arguments file. Without --train_file
+    the run is the embedded default run: DEFAULT_RUN first, the user's own values on top."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, ClipTrainingArguments))
+    values = read_mapping_file(argv[0], "arguments file") if is_args_file(argv) else None
+    if values is not None:
+        default_run = not values.get("train_file") and not values.get("pretrained")
+        return (*parser.parse_dict({**DEFAULT_RUN, **values} if default_run else values), default_run)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    default_run = "--train_file" not in given and "--pretrained" not in given
+    # Defaults first: argparse keeps the last occurrence, so the user's own flags win.
+    full = (as_argv(DEFAULT_RUN) + list(argv)) if default_run else list(argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=full)
+    return model_args, data_args, training_args, default_run
