@@ -17,7 +17,8 @@ import transformers
 from transformers import set_seed
 
 from miniclip.apps.cli import run_cli
-from miniclip.checkpoints import load_model_and_tokenizer
+from miniclip.checkpoints import load_model_and_tokenizer, load_pretrained
+from miniclip.checkpoints.inherit import inherit
 from miniclip.config import ClipConfig, load_model_config
 from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
@@ -73,8 +74,39 @@ def build_model(args: ModelArguments):
             data["init_logit_bias"] = bias
         config = ClipConfig.from_dict(data, where=f"model config {args.model_config}")  # validated again
         model, tokenizer = MiniClip(config), get_tokenizer(config)
+        if args.inherit_from is not None:
+            model = inherit_weights(args, config)
+            tokenizer = get_tokenizer(config, checkpoint_dir=model.load_info.directory)
     model.logit_scale.logit_scale.requires_grad_(args.learn_logit_scale)
     return model, tokenizer
+
+
+def inherit_weights(args: ModelArguments, config: ClipConfig) -> MiniClip:
+    """--inherit_from: the student `config` built from the selected layers / leading channels of a checkpoint."""
+    source = load_pretrained(args.inherit_from)
+    layers = args.inherit_layers
+    if layers != "uniform":
+        try:
+            layers = [int(i) for i in layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--inherit_layers={args.inherit_layers!r}: give 'uniform' or comma-separated teacher "
+                             "layer indices, e.g. 0,3") from None
+    model, report = inherit(source, config, layers=layers, width=args.inherit_width)
+    model.load_info = source.load_info  # where the weights (and a BERT vocab) came from
+    logger.info("inherited from %s: %s", args.inherit_from, report.summary())
+    logger.debug("weight inheritance, tensor by tensor:\n%s", report.table())
+    model.train()
+    return model
+
+
+def build_teacher(args: ModelArguments):
+    """--distill_from: (teacher, its tokenizer), frozen in eval mode; (None, None) without it."""
+    if args.distill_from is None:
+        return None, None
+    teacher, tokenizer = load_model_and_tokenizer(args.distill_from)
+    logger.info("distilling from %s (%s parameters, image size %d, %s text tower)", args.distill_from,
+                f"{teacher.num_parameters():,}", teacher.config.vision_cfg.image_size, teacher.config.text_cfg.tower)
+    return teacher.eval().requires_grad_(False), tokenizer
 
 
 # --- data -------------------------------------------------------------------------------------------------------------
@@ -160,15 +192,21 @@ def main(argv: list[str] | None = None) -> RunResult:
     eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
     test_records = read_eval_records(data_args.test_file, data_args, None)
     model, tokenizer = build_model(model_args)
+    teacher, teacher_tokenizer = build_teacher(model_args)
     image_size = model.config.vision_cfg.image_size
     train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
                                   seed=training_args.seed, max_samples=data_args.max_train_samples,
-                                  on_bad=data_args.on_bad, image_size=image_size)
+                                  on_bad=data_args.on_bad, image_size=image_size,
+                                  teacher_config=teacher.config if teacher is not None else None)
+    if teacher_tokenizer is not None and (teacher_tokenizer.describe(), getattr(teacher_tokenizer, "vocab_file", None)) \
+            == (tokenizer.describe(), getattr(tokenizer, "vocab_file", None)):
+        teacher_tokenizer = None  # the same tokens: the teacher reads the student's input_ids
     logger.info("%d training images (%d pairs per epoch), %s validation images", len(records), len(train_dataset),
                 len(eval_records) if eval_records else "no")
 
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
-                          eval_dataset=eval_records, data_collator=ClipCollator(tokenizer), processing_class=tokenizer,
+                          eval_dataset=eval_records, data_collator=ClipCollator(tokenizer, teacher_tokenizer),
+                          processing_class=tokenizer, teacher=teacher,
                           eval_transform=image_transform(model.config, train=False, image_size=image_size),
                           callbacks=[EpochCallback(train_dataset)])
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)

@@ -45,12 +45,14 @@ def augment_seed(seed: int, epoch: int, index: int) -> int:
 class _Decode:
     """The `with_transform` function: a batch of rows (image path, captions, index) -> pixel_values and caption."""
 
-    def __init__(self, transform: Callable, caption_mode: str, seed: int, epoch: torch.Tensor, draft_size):
+    def __init__(self, transform: Callable, caption_mode: str, seed: int, epoch: torch.Tensor, draft_size,
+                 teacher_transform: Callable | None = None):
         self.transform, self.caption_mode, self.seed, self.epoch, self.draft_size = (
             transform, caption_mode, seed, epoch, draft_size)
+        self.teacher_transform = teacher_transform
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values, captions = [], []
+        pixel_values, teacher_pixel_values, captions = [], [], []
         for image, row_captions, index, caption_index in zip(batch["image"], batch["captions"], batch["index"],
                                                              batch["caption_index"]):
             if self.caption_mode == "random":
@@ -65,11 +67,18 @@ class _Decode:
             # it, and a resumed run would otherwise crop differently.
             # Only the CPU generator (torchvision's transforms draw from it): torch.manual_seed would also reseed
             # every CUDA generator, which fork_rng(devices=[]) does not restore, and costs ~160 us per sample.
+            seed = augment_seed(self.seed, int(self.epoch), index)
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(augment_seed(self.seed, int(self.epoch), index))
+                torch.default_generator.manual_seed(seed)
                 pixel_values.append(self.transform(decoded))  # (3, S, S)
+                if self.teacher_transform is not None:  # the same draws: the teacher sees the same crop
+                    torch.default_generator.manual_seed(seed)
+                    teacher_pixel_values.append(self.teacher_transform(decoded))  # (3, S_t, S_t)
             captions.append(row_captions[caption_index])
-        return {"pixel_values": pixel_values, "caption": captions}
+        out = {"pixel_values": pixel_values, "caption": captions}
+        if self.teacher_transform is not None:
+            out["teacher_pixel_values"] = teacher_pixel_values
+        return out
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -80,10 +89,13 @@ class ClipDataset(torch.utils.data.Dataset):
     decodes instead. Substituting rather than dropping keeps every batch full, which contrastive losses with
     features gathered across processes need (equal batch sizes), keeps len() and the sampler's order unchanged, and
     is deterministic, so a resumed run sees the same batches. The price: the substitute appears twice in its epoch.
+    teacher_transform (distillation with a teacher of another image size / preprocessing): items also hold
+    "teacher_pixel_values", the same decoded image through the teacher's transform with the same random draws.
     """
 
     def __init__(self, records: list[CaptionRecord], transform: Callable, caption_mode: CaptionMode = "random",
-                 seed: int = 0, on_bad: BadSamplePolicy = "error", draft_size: int | None = None):
+                 seed: int = 0, on_bad: BadSamplePolicy = "error", draft_size: int | None = None,
+                 teacher_transform: Callable | None = None):
         check_literal(caption_mode, CaptionMode, "caption_mode")
         check_literal(on_bad, BadSamplePolicy, "on_bad")
         if not records:
@@ -97,7 +109,7 @@ class ClipDataset(torch.utils.data.Dataset):
         # One int64 in shared memory: forked or spawned dataloader workers (persistent ones too) read the value the
         # main process last wrote, so `set_epoch` reaches them without restarting them.
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
-        decode = _Decode(transform, caption_mode, seed, self._epoch, draft_size)
+        decode = _Decode(transform, caption_mode, seed, self._epoch, draft_size, teacher_transform)
         self.table = datasets.Dataset.from_list(rows).with_transform(decode)
         self.skipped: set[int] = set()  # this process's bad rows (each dataloader worker counts its own)
 
@@ -132,17 +144,28 @@ class ClipDataset(torch.utils.data.Dataset):
 def build_dataset(records: list[CaptionRecord], config: ClipConfig, train: bool = True,
                   caption_mode: CaptionMode = "random", seed: int = 0, max_samples: int | None = None,
                   on_bad: BadSamplePolicy = "error", image_size: int | None = None,
-                  draft: bool = True) -> ClipDataset:
+                  draft: bool = True, teacher_config: ClipConfig | None = None) -> ClipDataset:
     """The dataset for a model config: its family's transform (train: random resized crop), the first
-    `max_samples` images (all their captions in mode "all"), JPEG draft decoding unless `draft=False`."""
+    `max_samples` images (all their captions in mode "all"), JPEG draft decoding unless `draft=False`.
+    teacher_config: also the teacher's pixel values, when its image size or preprocessing differs."""
     if max_samples is not None:
         if max_samples <= 0:
             raise ValueError(f"max_samples={max_samples} must be a positive number of images (or None for all)")
         records = records[:max_samples]
     size = image_size or config.vision_cfg.image_size
     transform = image_transform(config, train=train, image_size=size)
+    teacher_transform = None
+    if teacher_config is not None and needs_own_pixels(config, teacher_config, size):
+        teacher_transform = image_transform(teacher_config, train=train)
+        size = max(size, teacher_config.vision_cfg.image_size)  # decode large enough for both
     return ClipDataset(records, transform, caption_mode=caption_mode, seed=seed, on_bad=on_bad,
-                       draft_size=size if draft else None)
+                       draft_size=size if draft else None, teacher_transform=teacher_transform)
+
+
+def needs_own_pixels(config: ClipConfig, teacher_config: ClipConfig, image_size: int | None = None) -> bool:
+    """Whether a teacher needs its own pixel values: another image size or preprocessing than the student's."""
+    return ((image_size or config.vision_cfg.image_size) != teacher_config.vision_cfg.image_size
+            or config.preprocess_cfg != teacher_config.preprocess_cfg)
 
 
 class EpochCallback(TrainerCallback):
@@ -161,16 +184,24 @@ class EpochCallback(TrainerCallback):
 @dataclass
 class ClipCollator:
     """List of `ClipDataset` items -> {"pixel_values" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L)}
-    with L the longest tokenized caption in the batch (at most the tokenizer's context length)."""
+    with L the longest tokenized caption in the batch (at most the tokenizer's context length).
+    Distillation: items' "teacher_pixel_values" are stacked too, and with a `teacher_tokenizer` the same captions
+    become "teacher_input_ids" / "teacher_attention_mask" (B, L_t)."""
     tokenizer: Any
+    teacher_tokenizer: Any = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if features and "caption" not in features[0]:
             raise KeyError(f"batch items have keys {sorted(features[0])}, no 'caption': the HF Trainer drops columns "
                            "the model's forward does not name; set TrainingArguments(remove_unused_columns=False)")
         pixel_values = torch.stack([f["pixel_values"] for f in features])  # (B, 3, S, S)
-        tokens = self.tokenizer([f["caption"] for f in features])
-        return {"pixel_values": pixel_values, **trim_tokens(tokens)}
+        captions = [f["caption"] for f in features]
+        batch = {"pixel_values": pixel_values, **trim_tokens(self.tokenizer(captions))}
+        if features and "teacher_pixel_values" in features[0]:
+            batch["teacher_pixel_values"] = torch.stack([f["teacher_pixel_values"] for f in features])  # (B, 3, S_t, S_t)
+        if self.teacher_tokenizer is not None:
+            batch.update({f"teacher_{k}": v for k, v in trim_tokens(self.teacher_tokenizer(captions)).items()})
+        return batch
 
 
 def load_records(path: str | Path, image_root: str | Path | None = None, on_bad: BadSamplePolicy = "error",

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from miniclip.config import check_literal
 from miniclip.data.captions import BadSamplePolicy
 from miniclip.data.dataset import CaptionMode
+from miniclip.distillation import DistillKind, FeatureDistance
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
 from miniclip.training.locking import Locks
 
@@ -55,9 +56,22 @@ class ModelArguments:
         "Initial logit bias of the sigmoid loss (default -10 for --loss siglip, as SigLIP).")})
     loss: LossKind = field(default="clip", metadata={"help": (
         "'clip': symmetric cross-entropy (InfoNCE); 'siglip': pairwise sigmoid loss with a learnt bias.")})
+    distill_from: str | None = field(default=None, metadata={"help": (
+        "Distil from this teacher checkpoint (any layout --pretrained reads; its own architecture, tokenizer and "
+        "image size): frozen, eval mode, no gradients. The loss is set by --distill_loss and the weights.")})
+    inherit_from: str | None = field(default=None, metadata={"help": (
+        "Weight inheritance (TinyCLIP): build --model_config and copy into it the selected layers and leading "
+        "channels / heads of this checkpoint (see miniclip.inherit); the report is logged.")})
+    inherit_layers: str = field(default="uniform", metadata={"help": (
+        "With --inherit_from: 'uniform' (evenly spread, first and last kept), or the teacher layer of each student "
+        "layer as a comma list for both towers, e.g. '0,3'.")})
+    inherit_width: str = field(default="first", metadata={"help": (
+        "With --inherit_from: 'first' = a narrower student keeps the teacher's leading channels and heads.")})
 
     def __post_init__(self):
         check_literal(self.loss, LossKind, "loss")
+        if self.inherit_from is not None and (self.model_config is None or self.pretrained is not None):
+            raise ValueError("--inherit_from needs --model_config (the student architecture) and no --pretrained")
         if self.model_config is None and self.pretrained is None:
             raise ValueError("give --model_config NAME (train from scratch) or --pretrained CHECKPOINT (finetune); "
                              "see miniclip.list_model_configs() for the names")
@@ -137,8 +151,23 @@ class ClipTrainingArguments(TrainingArguments):
         "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
         "through other processes' copies of the features.")})
 
+    distill_loss: DistillKind = field(default="affinity", metadata={"help": (
+        "With --distill_from: 'affinity' (TinyCLIP's affinity mimicking: KL of the similarity rows, both "
+        "directions), 'kd' (open_clip's DistillClipLoss: cross-entropy against the teacher's probabilities) or "
+        "'feature' (cosine / MSE between embeddings, through a learnt projection when the dims differ).")})
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+    contrastive_weight: float = field(default=1.0, metadata={"help": (
+        "Weight of the contrastive loss when distilling (0 = distillation only).")})
+    distill_feature_distance: FeatureDistance = field(default="cosine", metadata={"help": (
+        "--distill_loss feature: 'cosine' (1 - cos) or 'mse'.")})
+
     def __post_init__(self):
         super().__post_init__()
+        check_literal(self.distill_loss, DistillKind, "distill_loss")
+        check_literal(self.distill_feature_distance, FeatureDistance, "distill_feature_distance")
+        if self.distill_weight < 0 or self.contrastive_weight < 0:
+            raise ValueError(f"distill_weight={self.distill_weight} / contrastive_weight={self.contrastive_weight} "
+                             "must be >= 0")
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
 

@@ -21,9 +21,11 @@ from transformers import Trainer, TrainingArguments
 from miniclip.checkpoints.io import CheckpointError
 from miniclip.checkpoints.saving import save_pretrained
 from miniclip.config import check_literal
+from miniclip.distillation import DistillationLoss
+from miniclip.distributed import world_size
 from miniclip.data.captions import CaptionRecord
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
-from miniclip.files import atomic_write_text
+from miniclip.files import atomic_write_text, save_safetensors
 from miniclip.loss import build_loss
 from miniclip.training.arguments import ClipTrainingArguments, LossKind
 
@@ -33,6 +35,7 @@ from miniclip.training.locking import Locks, TwoStageCallback, apply_locks, froz
 from miniclip.transforms import image_transform
 
 logger = logging.getLogger(__name__)
+DISTILL_HEAD = "distill_projection.safetensors"  # the feature loss's learnt projection, beside the student
 
 # Parameters named like this never decay, whatever their shape: decaying an embedding table or the temperature
 # pulls them towards zero for no regularisation benefit (open_clip and Chinese-CLIP exclude them too).
@@ -89,11 +92,14 @@ class ClipTrainer(Trainer):
     eval_dataset: a list of CaptionRecord (or a dict name -> list); `evaluate()` reports retrieval on them.
     eval_transform: image transform for evaluation (default: the model family's eval transform).
     processing_class: the tokenizer (saved with every checkpoint, used by evaluation).
+    teacher: a MiniClip to distil from (see distillation.py and `args.distill_loss`): frozen, in eval mode, run
+        under no_grad in the run's precision on the inputs the collator prefixed `teacher_` (the student's where
+        there are none). The loss becomes contrastive_weight * contrastive + distill_weight * distillation.
     """
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by the accumulation steps
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, *, loss: LossKind = "clip",
-                 locks: Locks | None = None, eval_transform=None, **kwargs):
+                 locks: Locks | None = None, eval_transform=None, teacher: nn.Module | None = None, **kwargs):
         check_literal(loss, LossKind, "loss")
         if loss == "siglip" and getattr(model, "logit_bias", None) is None:
             raise ValueError("loss='siglip' needs a model with a learnt logit_bias: set init_logit_bias in the model "
@@ -118,12 +124,54 @@ class ClipTrainer(Trainer):
         # The dataloader yields all micro-batches of one cached-feature step at once: k * per-device batch.
         self._train_batch_size *= self.feature_accum_steps
         self.eval_transform = eval_transform or image_transform(model.config, train=False)
+        self.teacher = self.distill_loss = None
+        if teacher is not None:
+            self._set_teacher(teacher)
+
+    # --- distillation -------------------------------------------------------------------------------------------------
+    def _set_teacher(self, teacher: nn.Module) -> None:
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.distill_loss = DistillationLoss(
+            getattr(self.args, "distill_loss", "affinity"), self.model.config.embed_dim, teacher.config.embed_dim,
+            getattr(self.args, "distill_feature_distance", "cosine"), local_loss=getattr(self.args, "local_loss", False),
+            gather_with_grad=getattr(self.args, "gather_with_grad", True)).to(self.args.device)
+
+    def _teacher_outputs(self, inputs: dict):
+        """The teacher's embeddings of the batch: its own `teacher_*` inputs where the collator made them."""
+        own = {k.removeprefix("teacher_"): v for k, v in inputs.items() if k.startswith("teacher_")}
+        student = {k: v for k, v in inputs.items() if not k.startswith("teacher_")}
+        if "input_ids" in own:  # the teacher's tokenizer: its own mask too, never the student's
+            student.pop("attention_mask", None)
+        with torch.no_grad():
+            return self.teacher(**{**student, **own})
+
+    def _weighted(self, contrastive: torch.Tensor | None, distill: torch.Tensor) -> torch.Tensor:
+        loss = self.args.distill_weight * distill
+        return loss if contrastive is None else loss + self.args.contrastive_weight * contrastive
+
+    def _average_projection_grads(self) -> None:
+        """The feature loss's projection lives outside the DDP-wrapped student: average its gradient over processes
+        here, after backward (a per-sample mean on each process, so the average is the global batch's gradient)."""
+        if self.distill_loss is None or self.distill_loss.projection is None or world_size() == 1:
+            return
+        for p in self.distill_loss.projection.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world_size()
 
     # --- loss ---------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        loss = self.loss_fn(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
-                            _scalar(outputs.logit_bias))
+        outputs = model(**{k: v for k, v in inputs.items() if not k.startswith("teacher_")})
+        contrastive = None
+        if self.teacher is None or self.args.contrastive_weight > 0:
+            contrastive = self.loss_fn(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
+                                       _scalar(outputs.logit_bias))
+        if self.teacher is None:
+            return (contrastive, outputs) if return_outputs else contrastive
+        teacher = self._teacher_outputs(inputs)
+        distill = self.distill_loss(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
+                                    teacher.image_embeds, teacher.text_embeds, teacher.logit_scale)
+        loss = self._weighted(contrastive, distill)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -131,6 +179,7 @@ class ClipTrainer(Trainer):
             loss = self._cached_feature_step(model, inputs)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
+        self._average_projection_grads()
         self._note_nonfinite(loss)
         return loss
 
@@ -171,29 +220,53 @@ class ClipTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         n = min(self.feature_accum_steps, len(inputs["pixel_values"]))
         chunks = [dict(zip(inputs, parts)) for parts in zip(*(torch.tensor_split(v, n) for v in inputs.values()))]
-        states, images, texts = [], [], []
+        states, images, texts, teacher = [], [], [], []
         with torch.no_grad(), self.compute_loss_context_manager():
             for chunk in chunks:
                 states.append(_rng_state())
-                out = model(**chunk)
+                out = model(**{k: v for k, v in chunk.items() if not k.startswith("teacher_")})
                 images.append(out.image_embeds)  # (b, D)
                 texts.append(out.text_embeds)  # (b, D)
+                if self.teacher is not None:  # the teacher's features are cached too: it runs once per sample
+                    teacher.append(self._teacher_outputs(chunk))
         after = _rng_state()
+        shares = []  # per-sample terms: each pass's own share of the batch mean (see _accumulated_loss)
         for j, chunk in enumerate(chunks):
             _set_rng_state(states[j])
             last = j == n - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 with self.compute_loss_context_manager():
-                    out = model(**chunk)
+                    out = model(**{k: v for k, v in chunk.items() if not k.startswith("teacher_")})
                     scale, bias = _scalar(out.logit_scale), _scalar(out.logit_bias)
                     if not last:
                         scale, bias = scale.detach(), bias.detach() if bias is not None else None
-                    loss = self.loss_fn(torch.cat(images[:j] + [out.image_embeds] + images[j + 1:]),  # (k*b, D)
-                                        torch.cat(texts[:j] + [out.text_embeds] + texts[j + 1:]), scale, bias)
+                    all_images = torch.cat(images[:j] + [out.image_embeds] + images[j + 1:])  # (k*b, D)
+                    all_texts = torch.cat(texts[:j] + [out.text_embeds] + texts[j + 1:])  # (k*b, D)
+                    loss, share = self._accumulated_loss(all_images, all_texts, scale, bias, out, teacher, j)
+                    shares.append(share)
                 loss = loss / self.current_gradient_accumulation_steps
                 self.accelerator.backward(loss)
         _set_rng_state(after)
-        return loss.detach()
+        self._average_projection_grads()
+        # the batch-level terms are the same in every pass; the per-sample shares add up to their batch mean
+        return loss.detach() + (sum(shares) - shares[-1]) / self.current_gradient_accumulation_steps
+
+    def _accumulated_loss(self, images, texts, scale, bias, out, teacher: list, j: int):
+        """One pass of the cached-feature step -> (loss to backpropagate, the detached part of it that is this
+        micro-batch's own share rather than the same in every pass). Batch-level terms (contrastive, affinity, kd) see the whole spliced batch; the feature
+        term is a per-sample mean, so each pass adds its own micro-batch's share (b / (k*b)) and nothing else: the
+        shared projection then gets each sample's gradient once."""
+        contrastive = self.loss_fn(images, texts, scale, bias) \
+            if self.teacher is None or self.args.contrastive_weight > 0 else None
+        if self.teacher is None:
+            return contrastive, 0.0
+        if self.distill_loss.kind == "feature":
+            distill = len(out.image_embeds) / len(images) * self.distill_loss.feature_term(
+                out.image_embeds, out.text_embeds, teacher[j].image_embeds, teacher[j].text_embeds)
+            return self._weighted(contrastive, distill), self.args.distill_weight * distill.detach()
+        distill = self.distill_loss(images, texts, scale, torch.cat([t.image_embeds for t in teacher]),
+                                    torch.cat([t.text_embeds for t in teacher]), teacher[0].logit_scale)
+        return self._weighted(contrastive, distill), 0.0
 
     def floating_point_ops(self, inputs) -> int:
         """Not estimated: the Trainer's 6 * tokens * parameters rule is for language models (it reads `total_flos`
@@ -218,6 +291,9 @@ class ClipTrainer(Trainer):
             return super().create_optimizer(model)  # GaLore / LOMO / layer-wise optimizers build their own groups
         decay = set(self.get_decay_parameter_names(opt_model))
         trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        if self.distill_loss is not None:  # the feature loss's projection trains with the student (and decays)
+            trainable += [(f"distill_loss.{n}", p) for n, p in self.distill_loss.named_parameters()]
+            decay |= {f"distill_loss.{n}" for n, p in self.distill_loss.named_parameters() if p.ndim >= 2}
         groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": self.args.weight_decay},
                   {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
@@ -234,6 +310,8 @@ class ClipTrainer(Trainer):
         save_pretrained(_StateView(model, state_dict) if state_dict is not None else model, output_dir,
                         format="miniclip", tokenizer=self.processing_class)
         atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string() + "\n")
+        if self.distill_loss is not None and self.distill_loss.projection is not None:  # resumes need it
+            save_safetensors(self.distill_loss.state_dict(), Path(output_dir) / DISTILL_HEAD)
 
     def _load_weights(self, folder: str) -> None:
         """Strictly: every tensor of the model must be in the checkpoint with its shape, and nothing else."""
@@ -246,6 +324,12 @@ class ClipTrainer(Trainer):
         except RuntimeError as e:
             raise CheckpointError(f"checkpoint {path} does not fit the model being trained: {e}. Fix: resume with "
                                   "the same model arguments as the run that wrote it") from None
+        head = Path(folder) / DISTILL_HEAD
+        if self.distill_loss is not None and self.distill_loss.projection is not None:
+            if not head.is_file():
+                raise CheckpointError(f"no {DISTILL_HEAD} in checkpoint {folder}, but this run trains a feature-loss "
+                                      "projection. Fix: resume with the distillation arguments of the run that wrote it")
+            self.distill_loss.load_state_dict(load_file(str(head)), strict=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if model is not None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
