@@ -3,7 +3,8 @@ from miniclip.config import ClipConfig, TextConfig, VisionConfig, list_model_con
 from miniclip.model import ClipOutput, MiniClip
 from miniclip.tokenizer import get_tokenizer
 from miniclip.transforms import image_transform
+from miniclip.checkpoints.inherit import inherit  # after model: checkpoints/ builds MiniClip
 
 __all__ = ["ClipConfig", "ClipOutput", "MiniClip", "TextConfig", "VisionConfig", "get_tokenizer", "image_transform",
-           "list_model_configs", "load_model_config"]
+           "inherit", "list_model_configs", "load_model_config"]
 __version__ = "0.1.0"
