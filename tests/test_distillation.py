@@ -327,3 +327,36 @@ def test_bpe_student_learns_from_a_bert_teacher_at_another_image_size(tmp_path):
     torch.testing.assert_close(got.image_embeds, t.image_embeds)
     torch.testing.assert_close(got.text_embeds, t.text_embeds)
     assert (result.output_dir / "distill_projection.safetensors").is_file()
+
+
+def test_two_torchrun_processes_distil_like_one_process_with_double_batch(tmp_path):
+    """train.py under torchrun (2 gloo processes, batch B each) vs one process with batch 2B, distilling with the
+    feature loss through a learnt projection (teacher embed dim 48): the projection, averaged outside DDP, and the
+    student must end equal."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    from test_train import REPO, _free_port
+    torch.manual_seed(3)
+    teacher = _model(seed=3, embed_dim=48)
+    teacher.save_pretrained(tmp_path / "teacher", tokenizer=get_tokenizer(teacher.config))
+    batch = 4
+    common = dict(train_file=make_caption_set(tmp_path, n=2 * batch), max_steps=2, augment=False, logging_steps=1,
+                  adam_epsilon=1e-6, distill_from=tmp_path / "teacher", distill_loss="feature")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(_free_port()), "-m", "miniclip.apps.train",
+              *_flags(tmp_path / "two", per_device_train_batch_size=batch, **common)]
+    two = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = train.main(_flags(tmp_path / "one", per_device_train_batch_size=2 * batch, **common))
+    two_history = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in two_history if "loss" in e and "train_loss" not in e]
+    assert losses == pytest.approx([e["loss"] for e in one.trainer.state.log_history
+                                    if "loss" in e and "train_loss" not in e], abs=1e-5)
+    for name in ("model.safetensors", "distill_projection.safetensors"):
+        expected, got = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+        assert worst <= 1e-5, (name, worst)

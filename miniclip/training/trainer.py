@@ -146,8 +146,8 @@ class ClipTrainer(Trainer):
             return self.teacher(**{**student, **own})
 
     def _weighted(self, contrastive: torch.Tensor | None, distill: torch.Tensor) -> torch.Tensor:
-        loss = self.args.distill_weight * distill
-        return loss if contrastive is None else loss + self.args.contrastive_weight * contrastive
+        loss = getattr(self.args, "distill_weight", 1.0) * distill
+        return loss if contrastive is None else loss + getattr(self.args, "contrastive_weight", 1.0) * contrastive
 
     def _average_projection_grads(self) -> None:
         """The feature loss's projection lives outside the DDP-wrapped student: average its gradient over processes
@@ -163,7 +163,7 @@ class ClipTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**{k: v for k, v in inputs.items() if not k.startswith("teacher_")})
         contrastive = None
-        if self.teacher is None or self.args.contrastive_weight > 0:
+        if self.teacher is None or getattr(self.args, "contrastive_weight", 1.0) > 0:
             contrastive = self.loss_fn(outputs.image_embeds, outputs.text_embeds, _scalar(outputs.logit_scale),
                                        _scalar(outputs.logit_bias))
         if self.teacher is None:
@@ -257,13 +257,13 @@ class ClipTrainer(Trainer):
         term is a per-sample mean, so each pass adds its own micro-batch's share (b / (k*b)) and nothing else: the
         shared projection then gets each sample's gradient once."""
         contrastive = self.loss_fn(images, texts, scale, bias) \
-            if self.teacher is None or self.args.contrastive_weight > 0 else None
+            if self.teacher is None or getattr(self.args, "contrastive_weight", 1.0) > 0 else None
         if self.teacher is None:
             return contrastive, 0.0
         if self.distill_loss.kind == "feature":
             distill = len(out.image_embeds) / len(images) * self.distill_loss.feature_term(
                 out.image_embeds, out.text_embeds, teacher[j].image_embeds, teacher[j].text_embeds)
-            return self._weighted(contrastive, distill), self.args.distill_weight * distill.detach()
+            return self._weighted(contrastive, distill), getattr(self.args, "distill_weight", 1.0) * distill.detach()
         distill = self.distill_loss(images, texts, scale, torch.cat([t.image_embeds for t in teacher]),
                                     torch.cat([t.text_embeds for t in teacher]), teacher[0].logit_scale)
         return self._weighted(contrastive, distill), 0.0
