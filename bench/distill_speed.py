@@ -1,6 +1,7 @@
 """What distillation costs per optimizer step, against its parts measured in the same run: a plain student step
 (ClipTrainer.training_step + AdamW step), a teacher forward (no_grad, the run's precision), and a distillation
-step (the same student step with the teacher and --distill_loss), interleaved, each in a fresh subprocess. The
+step (the same student step with the teacher and --distill_loss), interleaved step by step in one fresh process per
+repetition. The
 ratio distill / (student + teacher) is the overhead of the distillation term and its gathering; the target is
 <= 1.1. The peer row: open_clip's own distillation step (open_clip.model.CLIP student and teacher,
 open_clip.loss.DistillClipLoss, contrastive + distill, torch.optim.AdamW), as open_clip_train runs it.
@@ -19,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import bench_main, captions, fmt, interleave, markdown_table, median, run_worker, spread  # noqa: E402
 
-JOBS = ("student_step", "teacher_forward", "distill_step", "open_clip_distill_step")
+JOBS = ("miniclip", "open_clip")
+STEPS = ("student_step", "teacher_forward", "distill_step", "open_clip_distill_step")
 
 
 def _batch(config, n: int, device, seed: int = 0) -> dict:
@@ -72,46 +74,60 @@ def _open_clip_step(args, device):
     return step
 
 
-def worker(job: str, rep: str, args) -> dict:
+def _miniclip_steps(args, device) -> dict:
+    """The three miniclip measurements, built in one process: {name: step function}."""
     import torch
     from miniclip.model import MiniClip
+    student, teacher = MiniClip(args.student), MiniClip(args.teacher)
+    batch = _batch(student.config, args.batch, device)
+    if student.config.text_cfg != teacher.config.text_cfg or \
+            student.config.vision_cfg.image_size != teacher.config.vision_cfg.image_size:
+        batch.update({f"teacher_{k}": v for k, v in _batch(teacher.config, args.batch, device).items()})
+    plain = _trainer(student, None, args)
+    distill = _trainer(MiniClip(args.student), teacher, args)  # the same initial weights (seeded)
+
+    def student_step(trainer=plain):
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def teacher_forward():
+        with torch.no_grad(), distill.compute_loss_context_manager():
+            distill._teacher_outputs(batch)
+    return {"student_step": student_step, "teacher_forward": teacher_forward,
+            "distill_step": lambda: student_step(distill)}
+
+
+def _time(step, device) -> float:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start)
+
+
+def worker(job: str, rep: str, args) -> dict:
+    """job "miniclip": student step, teacher forward and distill step interleaved step by step in one process (load
+    changes hit all three alike, which a ratio of separate processes does not survive on a busy machine);
+    job "open_clip": its distillation step."""
+    import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if job == "open_clip_distill_step":
-        step = _open_clip_step(args, device)
-    else:
-        student, teacher = MiniClip(args.student), MiniClip(args.teacher)
-        batch = _batch(student.config, args.batch, device)
-        if student.config.text_cfg != teacher.config.text_cfg or \
-                student.config.vision_cfg.image_size != teacher.config.vision_cfg.image_size:
-            batch.update({f"teacher_{k}": v for k, v in _batch(teacher.config, args.batch, device).items()})
-        trainer = _trainer(student, teacher if job == "distill_step" else None, args)
-        if job == "teacher_forward":
-            teacher = teacher.to(device).eval().requires_grad_(False)
-            view = {k.removeprefix("teacher_"): v for k, v in batch.items() if k.startswith("teacher_")}
-
-            def step():
-                with torch.no_grad(), trainer.compute_loss_context_manager():
-                    teacher(**{**{k: v for k, v in batch.items() if not k.startswith("teacher_")}, **view})
-        else:
-            def step():
-                trainer.training_step(trainer.model, batch)
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
+    steps = _miniclip_steps(args, device) if job == "miniclip" else {"open_clip_distill_step": _open_clip_step(args, device)}
+    names = list(steps)
     for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return {"step_ms": 1000 * times[len(times) // 2]}
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for i in range(args.steps):
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate: nobody always runs first
+        for name in order:
+            times[name].append(_time(steps[name], device))
+    return {f"{name}_ms": sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def add_args(p) -> None:
@@ -136,13 +152,15 @@ def measure_all(args) -> dict:
 
 
 def table(results: dict, args) -> str:
-    ms = {job: median(results[(job,)], "step_ms") for job in JOBS}
+    runs = results[("miniclip",)] + results[("open_clip",)]
+    ms = {name: median(runs, f"{name}_ms") for name in STEPS}
     parts = ms["student_step"] + ms["teacher_forward"]
-    rows = [[job, fmt(ms[job], 1), spread(results[(job,)], "step_ms")] for job in JOBS]
+    rows = [[name, fmt(ms[name], 1), spread(runs, f"{name}_ms")] for name in STEPS]
     rows.append(["student step + teacher forward", fmt(parts, 1), "-"])
     ratio = ms["distill_step"] / parts
     return (f"student {args.student}, teacher {Path(args.teacher).name}, distill_loss {args.loss}, batch {args.batch}, "
-            f"{args.precision}, {args.device}\n\n" + markdown_table(["step", "median ms", "min-max"], rows)
+            f"{args.precision}, {args.device}; medians over {args.reps} processes x {args.steps} steps\n\n"
+            + markdown_table(["step", "median ms", "min-max of process medians"], rows)
             + f"\n\ndistill step / (student step + teacher forward) = {ratio:.3f} (target <= 1.1)\n"
             f"miniclip distill step / open_clip distill step = {ms['distill_step'] / ms['open_clip_distill_step']:.3f}\n")
 
