@@ -253,9 +253,9 @@ class ClipTrainer(Trainer):
 
     def _accumulated_loss(self, images, texts, scale, bias, out, teacher: list, j: int):
         """One pass of the cached-feature step -> (loss to backpropagate, the detached part of it that is this
-        micro-batch's own share rather than the same in every pass). Batch-level terms (contrastive, affinity, kd) see the whole spliced batch; the feature
-        term is a per-sample mean, so each pass adds its own micro-batch's share (b / (k*b)) and nothing else: the
-        shared projection then gets each sample's gradient once."""
+        micro-batch's own share rather than the same in every pass). Batch-level terms (contrastive, affinity, kd)
+        see the whole spliced batch; the feature term is a per-sample mean, so each pass adds its own micro-batch's
+        share (b / (k*b)) and nothing else: the shared projection then gets each sample's gradient once."""
         contrastive = self.loss_fn(images, texts, scale, bias) \
             if self.teacher is None or getattr(self.args, "contrastive_weight", 1.0) > 0 else None
         if self.teacher is None:
