@@ -3,6 +3,7 @@ seeds) as distill.md and a bar chart distill.png.
 
     python examples/distill_report.py STUDENTS_DIR TEACHER_DIR OUTPUT_DIR    # what distill_flickr8k.sh runs
 """
+import csv
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ METRICS = ["test_t2i_R@1", "test_t2i_R@5", "test_t2i_R@10", "test_i2t_R@1", "tes
 
 
 def main(students: Path, teacher: Path, out: Path) -> None:
-    records = [read_run(done.parent) for done in sorted((students / "runs").glob(f"*/{DONE}"))]
+    with open(students / "ablation_runs.csv", newline="") as f:  # the grid's order: variants as declared
+        records = [read_run(Path(row["dir"])) for row in csv.DictReader(f) if (Path(row["dir"]) / DONE).is_file()]
     table = aggregate(records, METRICS + ["train_runtime"])
     teacher_metrics = json.loads((teacher / "all_results.json").read_text())
     header = "| model | seeds | " + " | ".join(m.removeprefix("test_") for m in METRICS) + " | train s |"
