@@ -52,7 +52,7 @@ def hf_clip_model(config):
 def build(impl: str, config, batch: int, device):
     """-> (model, loss_fn(model) -> scalar, fused_adamw). Inputs are made once; every step reuses them."""
     import torch
-    from miniclip.data.dataset import trim_tokens
+    from miniclip.tokenizer import trim_tokens
     from miniclip.tokenizer import get_tokenizer
     base, *opts = impl.split("+")
     g = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def trainer_worker(config, precision: str, args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from miniclip.data.dataset import trim_tokens
+    from miniclip.tokenizer import trim_tokens
     from miniclip.model import MiniClip
     from miniclip.tokenizer import get_tokenizer
     from miniclip.training.trainer import ClipTrainer, ClipTrainingArguments

@@ -1,5 +1,5 @@
 """Typed model configuration: `model_configs/<name>.json` (open_clip's embed_dim / vision_cfg / text_cfg shape)
--> frozen-by-convention dataclasses that reject unknown keys and check invariants.
+-> dataclasses that reject unknown keys and check invariants, and `check_literal`, the one check of a `Literal` choice.
 
 Leaves out on purpose: timm / HF-hub towers, attentional poolers and the other open_clip research options;
 a config here describes exactly the towers `MiniClip` can build.
@@ -17,11 +17,17 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 # Installed without the repository (pip install .): configs are looked up here as well.
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
+# Text lengths the published towers were trained with: CLIP's BPE (Radford et al. 2021) and Chinese-CLIP's BERT
+# (Yang et al. 2022; BERT itself would allow max_position_embeddings).
+CLIP_CONTEXT_LENGTH = 77
+CHINESE_CLIP_CONTEXT_LENGTH = 52
+
 TextTower = Literal["transformer", "bert"]
 ResizeMode = Literal["shortest", "squash"]
 
 
 def check_literal(value: Any, literal: Any, what: str) -> None:
+    """Raise ValueError naming `what` unless `value` is one of the options of the `Literal` type `literal`."""
     options = get_args(literal)
     if value not in options:
         raise ValueError(f"{what}={value!r} is not one of {list(options)}")
@@ -82,7 +88,7 @@ class VisionConfig:
 class TextConfig:
     """Text tower: open_clip's causal transformer (CLIP BPE, EOT pooling) or a BERT encoder ([CLS] pooling)."""
     tower: TextTower = "transformer"
-    context_length: int = 77
+    context_length: int = CLIP_CONTEXT_LENGTH
     vocab_size: int = 49408
     width: int = 512
     heads: int = 8
@@ -126,6 +132,10 @@ class PreprocessConfig:
 
 @dataclass
 class ClipConfig:
+    """A whole CLIP's architecture: the shared embedding width `embed_dim`, the two towers, the activation, how
+    images are preprocessed, and the initial temperature (and bias, for the sigmoid loss). Built from
+    `model_configs/<name>.json` by `load_model_config`; unknown keys are errors. Leaves out on purpose: training
+    settings (training/arguments.py) and anything a checkpoint stores as weights."""
     embed_dim: int
     vision_cfg: VisionConfig
     text_cfg: TextConfig

@@ -5,13 +5,12 @@ Leaves out on purpose: HF-hub tokenizers of other open_clip families (SigLIP, Mo
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from miniclip.config import ClipConfig, TextConfig
+from miniclip.config import CHINESE_CLIP_CONTEXT_LENGTH, CLIP_CONTEXT_LENGTH, ClipConfig, TextConfig
 
 VOCAB_FILENAME = "vocab.txt"
 
@@ -20,7 +19,7 @@ VOCAB_FILENAME = "vocab.txt"
 class ClipBpeTokenizer:
     """open_clip's SimpleTokenizer: `<sot> bpe... <eot>`, zero-padded; over-long text keeps its first
     context_length - 1 tokens and ends in `<eot>` (the tower pools at the EOT, the highest token id)."""
-    context_length: int = 77
+    context_length: int = CLIP_CONTEXT_LENGTH
     kind: str = "clip_bpe"
 
     def __post_init__(self):
@@ -40,7 +39,7 @@ class BertWordPieceTokenizer:
     """Chinese-CLIP's tokenizer: BERT basic tokenization (lower case, accents stripped, CJK characters split,
     punctuation split) then WordPiece over `vocab.txt`; `[CLS] tokens[:L-2] [SEP]`, padded with `[PAD]`=0."""
     vocab_file: str
-    context_length: int = 52
+    context_length: int = CHINESE_CLIP_CONTEXT_LENGTH
     kind: str = "bert_wordpiece"
 
     def __post_init__(self):
@@ -107,16 +106,6 @@ def get_tokenizer(config: ClipConfig | TextConfig, checkpoint_dir: str | Path | 
     if text_cfg.tower == "bert":
         return BertWordPieceTokenizer(str(find_bert_vocab(checkpoint_dir)), context_length=text_cfg.context_length)
     return ClipBpeTokenizer(context_length=text_cfg.context_length)
-
-
-def save_tokenizer(tokenizer, output_dir: str | Path) -> None:
-    """Write `tokenizer.json` (what the tokenizer is) and, for BERT, the vocab itself, so output_dir is self-contained."""
-    output_dir = Path(output_dir)
-    (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer.describe(), indent=2) + "\n")
-    if isinstance(tokenizer, BertWordPieceTokenizer):
-        target = output_dir / VOCAB_FILENAME
-        if Path(tokenizer.vocab_file).resolve() != target.resolve():
-            target.write_text(Path(tokenizer.vocab_file).read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def trim_tokens(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

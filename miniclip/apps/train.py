@@ -87,7 +87,8 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
             kept.append(record)
         except ImageDecodeError as e:
             if on_bad == "error":
-                raise ImageDecodeError(f"{path}: entry {index}: {e}. Fix the file, or pass --on_bad skip") from None
+                raise ImageDecodeError(f"{path}: entry {index} (image {record.image}) cannot be decoded: {e.reason}. "
+                                       "Fix the file, or pass --on_bad skip", e.reason) from None
             logger.warning("%s: skipping entry %d: image %s cannot be decoded", path, index, record.image)
     if len(kept) < len(records):
         logger.warning("%s: skipped %d unreadable image(s) of %d", path, len(records) - len(kept), len(records))
@@ -190,9 +191,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     return RunResult(Path(training_args.output_dir), train_result.metrics, eval_metrics, test_metrics, trainer)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-train` console script (and `python train.py`)."""
-    run_cli(main, prog="train.py")
+    run_cli(main, argv, prog="train.py")
 
 
 if __name__ == "__main__":

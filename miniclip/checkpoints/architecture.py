@@ -13,12 +13,11 @@ import re
 import torch
 
 from miniclip.checkpoints.io import CheckpointError
-from miniclip.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
+from miniclip.config import CHINESE_CLIP_CONTEXT_LENGTH, ClipConfig, PreprocessConfig, TextConfig, VisionConfig
 
 logger = logging.getLogger(__name__)
 
 HEAD_WIDTH = 64  # OpenAI's convention for every CLIP (and BERT-base / large heads)
-CHINESE_CLIP_CONTEXT = 52  # Chinese-CLIP's published context length (BERT itself allows max_position_embeddings)
 
 V = "image_encoder.visual."
 T = "text_encoder."
@@ -84,7 +83,7 @@ def infer_text(state: dict) -> tuple[TextConfig, int]:
         width = words.shape[1]
         prefix = T + "bert.encoder.layer."
         text = TextConfig(
-            tower="bert", context_length=CHINESE_CLIP_CONTEXT, vocab_size=words.shape[0], width=width,
+            tower="bert", context_length=CHINESE_CLIP_CONTEXT_LENGTH, vocab_size=words.shape[0], width=width,
             heads=width // _head_width(width, "BERT"), layers=_count_blocks(state, prefix),
             intermediate_size=_get(state, prefix + "0.intermediate.dense.weight", "BERT MLP").shape[0],
             max_position_embeddings=_get(state, T + "bert.embeddings.position_embeddings.weight", "BERT").shape[0],

@@ -7,7 +7,6 @@ Leaves out on purpose: running anything (apps/train.py does).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -15,10 +14,8 @@ from miniclip.config import check_literal
 from miniclip.data.captions import BadSamplePolicy
 from miniclip.data.dataset import CaptionMode
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
+from miniclip.loss import LossKind
 from miniclip.training.locking import Locks
-
-LossKind = Literal["clip", "siglip"]
-
 
 @dataclass
 class ModelArguments:

@@ -24,8 +24,8 @@ from miniclip.config import check_literal
 from miniclip.data.captions import CaptionRecord
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
 from miniclip.files import atomic_write_text
-from miniclip.loss import build_loss
-from miniclip.training.arguments import ClipTrainingArguments, LossKind
+from miniclip.loss import LossKind, build_loss
+from miniclip.training.arguments import ClipTrainingArguments
 
 __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
 from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
