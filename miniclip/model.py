@@ -129,7 +129,7 @@ class MiniClip(nn.Module):
             self.text_encoder = build_text_transformer(config)
         self.logit_scale = LogitScale(config.init_logit_scale)
         self.logit_bias = LogitBias(config.init_logit_bias) if config.init_logit_bias is not None else None
-        # Same weights and math as open_clip's blocks, attention computed batch-first (fast.py; tests/test_fast.py).
+        # Same weights and math as open_clip's blocks, attention computed batch-first (attention.py).
         use_fast_attention(self)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -47,7 +47,7 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open, decode and convert to RGB; an unreadable file raises ImageDecodeError naming it. With `draft_size`, a
     JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL
     `Image.draft`), never below `draft_size` on either side: several times cheaper than a full decode, and the
-    following bicubic resize gives nearly the same pixels (tests/test_data.py bounds the difference)."""
+    following bicubic resize gives nearly the same pixels (tests/test_dataset.py bounds the difference)."""
     try:
         with Image.open(path) as image:
             if draft_size and image.format == "JPEG":

@@ -1,4 +1,4 @@
-"""checkpoints.py / layouts.py / infer.py / resize.py: every layout saved the way its own project saves it, loaded
+"""checkpoints/ (loading.py, layouts.py, architecture.py, resize.py): every layout saved the way its own project saves it, loaded
 with miniclip (given config and config=None), embeddings compared with the reference library's."""
 import json
 

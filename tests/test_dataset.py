@@ -1,3 +1,4 @@
+"""data/dataset.py: ClipDataset (decode, caption choice, augmentation seeds), ClipCollator, splits, on real image files."""
 import json
 import logging
 

@@ -15,7 +15,7 @@ from miniclip.checkpoints.chinese_clip import (cn_clip_to_miniclip, hf_chinese_c
                                       hf_chinese_clip_to_miniclip, miniclip_config_to_hf_chinese_clip,
                                       miniclip_to_hf_chinese_clip)
 from miniclip.model import MiniClip
-from test_convert_hf import features, perturb_
+from test_hf_clip import features, perturb_
 
 CLS, SEP = 101, 102  # BERT's [CLS] / [SEP] ids in Chinese-CLIP's vocab.txt; [PAD] is 0
 
