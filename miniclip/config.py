@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from miniclip.files import read_mapping_file
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 # Installed without the repository (pip install .): configs are looked up here as well.
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -201,11 +203,7 @@ def load_model_config(name_or_path: str | Path | dict | ClipConfig) -> ClipConfi
         if path is None:
             raise ValueError(f"unknown model config {str(name_or_path)!r}: not a JSON file and not a known name. "
                              f"Available model configs: {', '.join(list_model_configs())}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
-    config = ClipConfig.from_dict(data, where=str(path))
+    config = ClipConfig.from_dict(read_mapping_file(path, "model config"), where=str(path))
     if config.name is None:
         config.name = path.stem
     return config

@@ -134,7 +134,7 @@ def write_report(grid, runs) -> list[Path]:
     per_run = [["variant", "seed", "dir", *metrics]] + [
         [r["variant"], r["seed"], r["dir"], *[r["metrics"].get(m, "") for m in metrics]] for r in records]
     atomic_write_text(out / "ablation_runs.csv", _csv(per_run))
-    plot_curves(records, grid.curve_metric, out / "ablation.png", title=grid.name)
+    plot_seed_curves(records, grid.curve_metric, out / "ablation.png", title=grid.name)
     return [out / "ablation.md", out / "ablation.csv", out / "ablation_runs.csv", out / "ablation.png"]
 
 
@@ -155,7 +155,7 @@ def _mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]
     return steps, [statistics.fmean(c[s] for c in curves if s in c) for s in steps]
 
 
-def plot_curves(records: list[dict], recall_key: str, path: Path, title: str = "") -> Path:
+def plot_seed_curves(records: list[dict], recall_key: str, path: Path, title: str = "") -> Path:
     """Two panels: `recall_key` and training loss against steps; one colour per variant, thin lines per seed and
     a thick line for the mean over seeds."""
     import matplotlib
