@@ -248,7 +248,8 @@ def timm_data_config(vision: dict, where: str = "vision_cfg") -> tuple[int, list
     if name.startswith("local-dir:"):
         folder = name[len("local-dir:"):]
     if folder is not None:
-        cfg = read_timm_folder_config(folder, where)["pretrained_cfg"]
+        key = "pretrained" if vision.get("pretrained") else "timm_model_name"
+        cfg = read_timm_folder_config(folder, f"{where}: vision_cfg.{key}")["pretrained_cfg"]
     else:
         import timm
         found = timm.models.get_pretrained_cfg(name.removeprefix("timm/"), allow_unregistered=True)

@@ -121,6 +121,10 @@ def build_hf_text_tower(config: ClipConfig) -> HFTextEncoder:
     if getattr(hf_config, "is_encoder_decoder", False):
         raise ValueError(f"text_cfg.hf_model_name={t.hf_model_name!r} is an encoder-decoder model "
                          f"({hf_config.model_type}); MiniClip takes encoder-only text models (BERT, RoBERTa, XLM-R...)")
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions and t.context_length > positions:
+        raise ValueError(f"text_cfg.context_length={t.context_length} exceeds the text model's "
+                         f"max_position_embeddings={positions}. Fix: context_length <= {positions}")
     width = getattr(hf_config, "hidden_size", None)
     if t.hf_proj_type is None and width != config.embed_dim:
         raise ValueError(f"text_cfg.hf_proj_type=None needs the text width ({width}) to equal embed_dim "
