@@ -179,6 +179,27 @@ def test_towers_are_open_clips_modules(towers):
                        bert.embeddings.word_embeddings.weight)
 
 
+def test_eot_pooler_reads_the_last_real_token(towers):
+    model = MiniClip(dual_config(towers, hf_pooler_type="eot_pooler", hf_proj_type=None, context_length=16) |
+                     {"embed_dim": 32}).eval()
+    _, tokens = _inputs(model)
+    with torch.no_grad():
+        hidden = model.text_encoder.transformer(**tokens).last_hidden_state  # (B, L, W)
+        last = tokens["attention_mask"].sum(dim=1) - 1  # the [SEP] of each row
+        torch.testing.assert_close(model.encode_text(**tokens), hidden[torch.arange(2), last])
+    assert last.tolist() == [6, 7]
+
+
+def test_weight_decay_skips_timm_position_and_class_tokens(towers):
+    from miniclip.training.trainer import decay_parameter_names
+    model = MiniClip(dual_config(towers))
+    trunk = model.image_encoder.visual.trunk
+    decayed = {n.removeprefix("image_encoder.visual.trunk.") for n in decay_parameter_names(model)}
+    exempt = trunk.no_weight_decay() & {n for n, _ in trunk.named_parameters()}  # timm's own list: pos_embed, cls_token
+    assert exempt == {"pos_embed", "cls_token"} and not exempt & decayed
+    assert "text_encoder.transformer.embeddings.word_embeddings.weight" not in decay_parameter_names(model)
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------------
 def test_miniclip_folder_round_trips_bit_exactly_without_the_tower_folders(towers, tmp_path):
     moved = {k: tmp_path / k for k in towers}
