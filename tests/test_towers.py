@@ -232,6 +232,9 @@ def test_locking_freezes_the_trunk_and_batchnorm_and_checkpointing_works(towers,
     bert = model.text_encoder.transformer
     assert not bert.embeddings.word_embeddings.weight.requires_grad and bert.encoder.layer[-1].output.dense.weight.requires_grad
     vit = MiniClip(dual_config(towers))
+    apply_locks(vit, Locks(image=True, image_unlocked_groups=1))  # timm's group matcher: the last block trains
+    blocks = vit.image_encoder.visual.trunk.blocks
+    assert blocks[-1].mlp.fc1.weight.requires_grad and not blocks[0].mlp.fc1.weight.requires_grad
     vit.gradient_checkpointing_enable()
     pixel_values, tokens = _inputs(vit)
     out = vit(pixel_values=pixel_values, **tokens)
