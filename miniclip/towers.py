@@ -74,10 +74,15 @@ def build_timm_tower(config: ClipConfig) -> TimmModel:
     except RuntimeError as e:
         raise ValueError(f"vision_cfg.timm_model_name={v.timm_model_name!r}: {e}. Fix: a name from "
                          "timm.list_models(), or local-dir:<folder>") from None
+    except OSError as e:  # the hub's weights: not downloadable here and not in the cache
+        raise ValueError(f"vision_cfg.timm_model_name={v.timm_model_name!r}: cannot load its pretrained weights "
+                         f"({str(e).splitlines()[0]}). Fix: huggingface-cli download timm/<name> --local-dir "
+                         "<folder> where there is network, then set vision_cfg.pretrained to that folder") from None
     size = tower.trunk.pretrained_cfg.get("input_size", (3, v.image_size, v.image_size))[-1]
     if tower.trunk.pretrained_cfg.get("fixed_input_size") and size != v.image_size:
         raise ValueError(f"vision_cfg.image_size={v.image_size}, but timm model {v.timm_model_name} takes {size}px "
-                         f"images. Fix: image_size {size}, or timm_model_args {{\"img_size\": {v.image_size}}}")
+                         f"images. Fix: image_size {size} (or, for a new randomly initialised tower, timm_model_args "
+                         f"{{\"img_size\": {v.image_size}}}); position embeddings of timm weights are not resized")
     return tower
 
 
@@ -130,8 +135,12 @@ def build_hf_text_tower(config: ClipConfig) -> HFTextEncoder:
         raise ValueError(f"text_cfg.hf_proj_type=None needs the text width ({width}) to equal embed_dim "
                          f"({config.embed_dim}). Fix: hf_proj_type 'linear' or 'mlp'")
     if t.hf_model_pretrained and t.hf_config is None:
-        return HFTextEncoder(t.hf_model_name, config.embed_dim, pooler_type=t.hf_pooler_type,
-                             proj_type=t.hf_proj_type, pretrained=True)
+        try:
+            return HFTextEncoder(t.hf_model_name, config.embed_dim, pooler_type=t.hf_pooler_type,
+                                 proj_type=t.hf_proj_type, pretrained=True)
+        except OSError as e:
+            raise ValueError(f"text_cfg.hf_model_name={t.hf_model_name!r}: cannot load its weights "
+                             f"({str(e).splitlines()[0]}). " + HF_FIX) from None
     tower = HFTextEncoder(t.hf_model_name, config.embed_dim, config=hf_config, pooler_type=t.hf_pooler_type,
                           proj_type=t.hf_proj_type)
     if t.hf_pooler_type != "cls_pooler" and getattr(tower.transformer, "pooler", None) is not None:
