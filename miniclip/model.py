@@ -200,7 +200,9 @@ class MiniClip(nn.Module):
             raise ValueError(f"gradient checkpointing is not supported by the image tower "
                              f"{self.config.vision_cfg.timm_model_name or type(visual).__name__}: {e!r}") from None
         if self.config.text_cfg.tower == "hf":
-            self.text_encoder.transformer.activation_checkpointing_enable({"use_reentrant": False})
+            text = self.text_encoder.transformer  # transformers 5 renamed gradient_ to activation_checkpointing_enable
+            (getattr(text, "activation_checkpointing_enable", None) or text.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         else:
             self.text_encoder.set_grad_checkpointing(True)
 
