@@ -2,7 +2,8 @@
 tensor shapes the way OpenAI's `build_model` does, plus open_clip's own `model_cfg` JSON turned into a `ClipConfig`.
 
 Shapes cannot tell the attention head count: like OpenAI's `build_model`, heads = width / 64 (64-wide heads), a
-convention every published CLIP follows. Leaves out on purpose: timm / HF-hub towers and attentional poolers.
+convention every published CLIP follows. Leaves out on purpose: inferring timm / transformers towers from shapes
+(their configs say what they are) and attentional poolers.
 """
 from __future__ import annotations
 
@@ -125,6 +126,31 @@ _DEFAULT_VALUED = {"ls_init_value": None, "attentional_pool": False, "pool_type"
                    "proj_bias": False, "pool_type_text": None, "timm_model_name": None, "hf_model_name": None}
 
 
+# open_clip's options for timm / transformers towers, the same names in VisionConfig / TextConfig.
+_TIMM_KEYS = {"timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
+              "image_size"}
+_HF_TEXT_KEYS = {"hf_model_name", "hf_pooler_type", "hf_proj_type", "context_length"}
+
+
+def _any_towers(model_cfg: dict, where: str) -> tuple[dict | None, dict | None]:
+    """The vision_cfg / text_cfg of open_clip's timm / transformers towers (None for its own towers). Weights come
+    from the checkpoint, never downloaded; image size, context length and mean / std default to open_clip's."""
+    vision = text = None
+    if model_cfg["vision_cfg"].get("timm_model_name"):
+        vision = {"image_size": 224, **_pick(model_cfg["vision_cfg"], _TIMM_KEYS, where + " vision_cfg")}
+    text_in = model_cfg["text_cfg"]
+    if text_in.get("hf_model_name"):
+        tokenizer = text_in.get("hf_tokenizer_name")
+        if tokenizer not in (None, text_in["hf_model_name"]):
+            raise CheckpointError(f"{where}: text_cfg.hf_tokenizer_name={tokenizer!r} differs from hf_model_name; "
+                                  "MiniClip uses the text model's own tokenizer")
+        picked = _pick({k: v for k, v in text_in.items() if k != "hf_tokenizer_name"}, _HF_TEXT_KEYS,
+                       where + " text_cfg")
+        text = {"context_length": 77, "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp", **picked,
+                "hf_model_pretrained": False}
+    return vision, text
+
+
 def _pick(cfg: dict, allowed: set, where: str) -> dict:
     out = {}
     for key, value in cfg.items():
@@ -148,13 +174,12 @@ def config_from_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None, w
                                 "init_logit_bias", "custom_text", "cast_dtype"}
     if unknown:
         raise CheckpointError(f"{where}: unsupported model_cfg key(s) {sorted(unknown)} (MiniClip builds plain CLIPs)")
-    vision = _pick(model_cfg["vision_cfg"], _VISION_KEYS, where + " vision_cfg")
-    text = _pick(model_cfg["text_cfg"], _TEXT_KEYS, where + " text_cfg")
-    if not isinstance(vision.get("layers", 12), list):
-        vision.setdefault("patch_size", 16)
-    else:
-        vision["patch_size"] = None
-    pre = {}
+    timm_vision, hf_text = _any_towers(model_cfg, where)
+    vision = timm_vision or _pick(model_cfg["vision_cfg"], _VISION_KEYS, where + " vision_cfg")
+    text = hf_text or _pick(model_cfg["text_cfg"], _TEXT_KEYS, where + " text_cfg")
+    if not timm_vision:
+        vision["patch_size"] = None if isinstance(vision.get("layers", 12), list) else vision.get("patch_size", 16)
+    pre = {"mean": list(PreprocessConfig.mean), "std": list(PreprocessConfig.std)} if timm_vision else {}
     for key in ("mean", "std", "resize_mode"):
         if preprocess_cfg and key in preprocess_cfg:
             pre[key] = preprocess_cfg[key]
