@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from miniclip.checkpoints.io import CheckpointError
 from miniclip.config import ClipConfig
