@@ -22,10 +22,11 @@ DRY=0 OUT=bench/gpu_check_out WHEELS="" DOWNLOAD="" PYVER=3.12
 # Distributions an image with torch, torchvision and transformers (and their own dependencies: numpy, pillow,
 # safetensors, regex, tokenizers, huggingface_hub, pyyaml, tqdm, packaging) may lack: what miniclip, its oracles
 # and the tests import. Binary ones (psutil, pyarrow, xxhash, pandas, matplotlib, kiwisolver...) need wheels for
-# the GPU machine's Python, hence --python-version.
-NEEDED="open_clip_torch ftfy wcwidth timm accelerate psutil datasets pyarrow dill multiprocess xxhash pandas
-python-dateutil six pytz tzdata matplotlib cycler fonttools kiwisolver pyparsing contourpy pytest pluggy iniconfig
-pygments"
+# the GPU machine's Python, hence --python-version. All of them: about 90 MB, 55 of it pyarrow; GPU_CHECK_PACKAGES
+# overrides the list (download only what the image lacks: `missing` below names it by import name).
+NEEDED=${GPU_CHECK_PACKAGES:-"open_clip_torch ftfy wcwidth timm accelerate psutil datasets pyarrow dill multiprocess
+xxhash pandas python-dateutil six pytz tzdata matplotlib cycler fonttools kiwisolver pyparsing contourpy pytest pluggy
+iniconfig pygments"}
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while (($#)); do
@@ -42,10 +43,12 @@ while (($#)); do
 done
 
 if [[ -n $DOWNLOAD ]]; then  # fill the wheel folder (no dependencies: torch and its CUDA wheels stay out)
+  # pip matches each --platform tag literally: list the older manylinux tags too (matplotlib ships 2014 / 2_17).
   mkdir -p "$DOWNLOAD"
   # shellcheck disable=SC2086
   exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
-    --platform manylinux_2_28_x86_64 --implementation cp -d "$DOWNLOAD" $NEEDED
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --implementation cp -d "$DOWNLOAD" $NEEDED
 fi
 
 # --- 1. is there a GPU? ------------------------------------------------------------------------------------------
@@ -99,7 +102,8 @@ EOF
   [[ -n $TO_INSTALL ]] && "$PY" -m pip install --no-index --no-deps $TO_INSTALL >"$LOGS/install.log" 2>&1 \
     || { [[ -n $TO_INSTALL ]] && echo "gpu_check: pip install from $WHEELS failed, see $LOGS/install.log" >&2; }
   if [[ -n $(missing) ]]; then
-    echo "gpu_check: still missing after installing from $WHEELS: $(missing) (log: $LOGS/install.log)" >&2
+    echo "gpu_check: still missing after installing from $WHEELS: $(missing) (log: $LOGS/install.log). Fix: add" \
+         "their wheels, built for this Python ($("$PY" -c 'import sys; print(*sys.version_info[:2], sep=".")'))" >&2
     exit 2
   fi
 fi
