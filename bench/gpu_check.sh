@@ -132,7 +132,7 @@ run_stage train-vit-b-16 130 $TS --config OpenAI-ViT-B-16 --batch 256 --reps 2 -
 run_stage train-tinyclip-40m 110 $TS --config TinyCLIP-ViT-40M-32-Text-19M --batch max --max-batch 8192 --reps 1 \
   --steps 10 --warmup 3 --impls miniclip open_clip transformers miniclip+trainer \
   --out "$OUT/train_tinyclip.md" --json "$OUT/train_tinyclip.json"
-run_stage encode 45 "$PY" bench/encode_speed.py --device cuda --precisions bf16 --reps 1 --batches 5 \
+run_stage encode 45 "$PY" bench/encode_speed.py --device cuda --precisions bf16 --reps 1 --batches 10 \
   --image-batch 256 --config OpenAI-ViT-B-16 --threads 4 --no-wait --out "$OUT/encode.md"
 run_stage train-py-300-steps 90 "$PY" bench/gpu_busy.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 256 \
   --steps 300 --skip 50 --images 1024 --workers "$WORKERS" --out "$OUT/gpu_busy.md" --json "$OUT/gpu_busy.json"
@@ -145,15 +145,18 @@ fi
 {
   echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "GPU: $GPU; driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1);" \
+  DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+  echo "GPU: $GPU; driver ${DRIVER:-unknown (no nvidia-smi)};" \
        "$("$PY" -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Python {sys.version.split()[0]}")');" \
-       "$CORES CPU cores; miniclip $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
+       "$CORES CPU cores; miniclip $(git describe --always --dirty 2>/dev/null || echo '?')."
   echo
   echo "| stage | result | seconds | cap |"
   echo "|---|---|---|---|"
   printf '%s\n' "${STATUS[@]}"
   echo
-  echo "CUDA tests: $(grep -E '(passed|failed|error)' "$LOGS/cuda-tests.log" | tail -1)"
+  SUMMARY=$(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/cuda-tests.log" | tail -1)
+  echo "CUDA tests: ${SUMMARY:-no pytest summary line (see logs/cuda-tests.log)}"
+  grep -E '^(FAILED|ERROR) ' "$LOGS/cuda-tests.log" | sed 's/^/    /'
   echo
   "$PY" bench/gpu_report.py "$OUT"
   for part in train_vit_b_16 train_tinyclip encode gpu_busy; do

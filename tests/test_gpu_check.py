@@ -91,3 +91,41 @@ def test_report_checks_the_targets(tmp_path):
     assert "| ViT-B/16 bf16 samples/s, miniclip / open_clip | >= 1.20x | 1.25 | met |" in text
     assert "| TinyCLIP-40M train.py, GPU busy (14 workers) | >= 90 % | 87.5 | missed |" in text
     assert "| OpenAI-ViT-B-16 | open_clip | 256 | 40000 |" in text
+
+
+def _fake_gpu_python(tmp_path, stage_exit: int):
+    """An interpreter that reports a GPU to the script's detection line and makes every stage (bench/*.py,
+    python -m pytest) exit at once with `stage_exit`; everything else (dependency check, report) is the real one.
+    What runs for real is the script's own logic: stage bookkeeping, caps, the report file, the exit status."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -c && $2 == *get_device_name* ]]; then echo "Fake GPU 80GB"; exit 0; fi
+if [[ $1 == bench/*_speed.py || $1 == bench/gpu_busy.py || $1 == -m ]]; then echo "stage $1"; exit {stage_exit}; fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_dry_run_with_a_gpu_prints_the_plan_and_runs_nothing(tmp_path):
+    proc = _run("--dry-run", "--out", str(tmp_path / "out"), PYTHON=_fake_gpu_python(tmp_path, 1))
+    assert proc.returncode == 0, proc.stderr
+    stages = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert stages == ["cuda-tests", "train-vit-b-16", "train-tinyclip-40m", "encode", "train-py-300-steps"]
+    caps = [int(line.split("(cap ")[1].split("s)")[0]) for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert sum(caps) <= 480  # issue 18: under 8 minutes in all
+    assert "--batch max" in proc.stdout and "--config OpenAI-ViT-B-16 --batch 256" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("dry run: Fake GPU 80GB found")
+    assert not (tmp_path / "out" / "RESULTS_GPU.md").exists()
+
+
+def test_failed_stages_are_reported_in_the_file_and_the_exit_status(tmp_path):
+    out = tmp_path / "out"
+    proc = _run("--out", str(out), PYTHON=_fake_gpu_python(tmp_path, 3))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    text = (out / "RESULTS_GPU.md").read_text()
+    assert text.startswith("# GPU check, ") and "GPU: Fake GPU 80GB;" in text
+    for stage in ("cuda-tests", "train-vit-b-16", "train-tinyclip-40m", "encode", "train-py-300-steps"):
+        assert f"| {stage} | failed (exit 3) |" in text
+    assert "| >= 45 % | - | - |" in text  # no measurement, no verdict
+    assert (out / "logs" / "encode.log").read_text() == "stage bench/encode_speed.py\n"
