@@ -1,8 +1,8 @@
 """Does the data pipeline keep the GPU busy? A real `train.py` run (miniclip.apps.train.main: JPEG decode,
 augmentation, tokenization, pinned non-blocking copies, ClipTrainer) on the synthetic caption set rendered at the
-model's image size, timed over its steady-state steps (after --skip): samples/s, the GPU busy fraction (NVML's
-utilisation, "percent of time a kernel was running", sampled by nvidia-smi every 100 ms) and the share of wall time
-the training loop waited for its next batch.
+model's image size (--images distinct JPEGs, listed again and again so the run is one epoch), timed over its
+steady-state steps (after --skip): samples/s, the GPU busy fraction (NVML's utilisation, "percent of time a kernel
+was running", sampled by nvidia-smi every 100 ms) and the share of wall time the loop waited for its next batch.
 
 Leaves out on purpose: per-kernel timelines (torch.profiler / Nsight do that) and multi-GPU runs.
 
@@ -93,6 +93,18 @@ def make_window(skip: int, last: int, on_gpu: bool):
     return Window()
 
 
+def one_epoch_file(train_file: Path, n: int) -> Path:
+    """The caption file with its entries repeated to n samples, so the timed steps lie inside one epoch: a new
+    epoch restarts the loader's prefetch queue (a stall real runs, with epochs of thousands of steps, rarely see).
+    Every sample is still decoded from its JPEG."""
+    from miniclip.files import atomic_write_text
+    entries = json.loads(train_file.read_text(encoding="utf-8"))
+    path = train_file.with_name(f"{train_file.stem}-x{n}.json")
+    if not path.is_file():
+        atomic_write_text(path, json.dumps([entries[i % len(entries)] for i in range(n)], ensure_ascii=False))
+    return path
+
+
 def run(args) -> dict:
     import torch
 
@@ -107,7 +119,8 @@ def run(args) -> dict:
     render_s = time.perf_counter() - start
     window = make_window(args.skip, args.steps, on_gpu)
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--model_config", args.config, "--train_file", str(data.train_file), "--output_dir", out,
+        train_file = one_epoch_file(data.train_file, args.batch * (args.steps + 1))
+        argv = ["--model_config", args.config, "--train_file", str(train_file), "--output_dir", out,
                 "--per_device_train_batch_size", str(args.batch), "--max_steps", str(args.steps),
                 "--learning_rate", "5e-4", "--warmup_steps", "20", "--weight_decay", "0.1", "--bf16", "True",
                 "--dataloader_num_workers", str(args.workers), "--dataloader_persistent_workers",
