@@ -108,6 +108,11 @@ EOF
   fi
 fi
 
+if ((!DRY)) && ! "$PY" -c 'import miniclip.apps.train, open_clip, pytest' >"$LOGS/imports.log" 2>&1; then
+  echo "gpu_check: the project does not import: $(tail -1 "$LOGS/imports.log") (log: $LOGS/imports.log)" >&2
+  exit 2
+fi
+
 # --- 3. the stages, each under a cap -----------------------------------------------------------------------------
 run_stage() {  # NAME CAP_SECONDS COMMAND...
   local name=$1 cap=$2 start=$SECONDS rc state
@@ -146,9 +151,10 @@ fi
   echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
-  echo "GPU: $GPU; driver ${DRIVER:-unknown (no nvidia-smi)};" \
-       "$("$PY" -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, Python {sys.version.split()[0]}")');" \
-       "$CORES CPU cores; miniclip $(git describe --always --dirty 2>/dev/null || echo '?')."
+  VERSIONS=$("$PY" -c 'import sys, torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda},", end=" ")
+print("Python", sys.version.split()[0])')
+  echo "GPU: $GPU; driver ${DRIVER:-unknown (no nvidia-smi)}; $VERSIONS; $CORES CPU cores;" \
+       "miniclip $(git describe --always --dirty 2>/dev/null || echo '?')."
   echo
   echo "| stage | result | seconds | cap |"
   echo "|---|---|---|---|"

@@ -11,7 +11,6 @@ import copy
 import math
 import os
 
-import open_clip
 import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock

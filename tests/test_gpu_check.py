@@ -129,3 +129,14 @@ def test_failed_stages_are_reported_in_the_file_and_the_exit_status(tmp_path):
         assert f"| {stage} | failed (exit 3) |" in text
     assert "| >= 45 % | - | - |" in text  # no measurement, no verdict
     assert (out / "logs" / "encode.log").read_text() == "stage bench/encode_speed.py\n"
+
+
+def test_missing_packages_without_a_wheel_folder_say_how_to_fill_one(tmp_path):
+    fake = _fake_gpu_python(tmp_path, 1)
+    text = open(fake).read().replace("exec ", 'if [[ $1 == - && $# == 1 ]]; then cat >/dev/null; echo "open_clip ftfy"; '
+                                     "exit 0; fi\nexec ", 1)
+    open(fake, "w").write(text)  # the dependency check now reports two missing modules
+    proc = _run("--out", str(tmp_path / "out"), PYTHON=fake)
+    assert proc.returncode == 2
+    assert "missing Python packages (open_clip ftfy) and no wheel folder given" in proc.stderr
+    assert "bash bench/gpu_check.sh --download-wheels wheels --python-version" in proc.stderr
