@@ -242,18 +242,28 @@ class NoSyncWindow(TrainerCallback):
 
 
 @gpu_only
-def test_training_steps_make_no_host_sync(tmp_path):
+@pytest.mark.parametrize("overrides,syncs", [
+    ({}, False),
+    ({"non_blocking_transfers": False}, True),  # the controls: each stock default alone makes the check fire
+    ({"logging_nan_inf_filter": True}, True),
+])
+def test_training_steps_make_no_host_sync(tmp_path, overrides, syncs):
     """The steady-state step (batch copy, forward, loss, NaN bookkeeping, backward, clipping, fused AdamW, clamp,
-    schedule) never waits for the GPU. Needs pinned memory + non-blocking copies (ClipTrainingArguments' default)
-    and no NaN filter in the Trainer's loop (ClipTrainingArguments' default)."""
+    schedule) never waits for the GPU with ClipTrainingArguments' defaults: pinned memory + non-blocking copies, no
+    NaN filter in the Trainer's loop. Switching either back syncs every step, which the debug mode turns into an
+    error: the check can fail."""
     window = NoSyncWindow(start=3)
-    trainer = _trainer(_tiny(), tmp_path, n=8 * 12, max_steps=12, logging_steps=100, callbacks=[window])
-    assert trainer.args.dataloader_pin_memory and trainer.args.accelerator_config.non_blocking
+    trainer = _trainer(_tiny(), tmp_path, n=8 * 12, max_steps=12, logging_steps=100, callbacks=[window], **overrides)
+    assert trainer.args.dataloader_pin_memory
     try:
-        trainer.train()
+        if syncs:
+            with pytest.raises(RuntimeError, match="synchronizing CUDA operation"):
+                trainer.train()
+        else:
+            trainer.train()
+            assert window.steps_checked == 8  # steps 4..11 ran with the debug mode on
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert window.steps_checked == 8  # steps 4..11 ran with the debug mode on
 
 
 def test_nan_loss_stops_a_bf16_gpu_run_naming_the_step(tmp_path):
