@@ -46,9 +46,16 @@ if [[ -n $DOWNLOAD ]]; then  # fill the wheel folder (no dependencies: torch and
   # pip matches each --platform tag literally: list the older manylinux tags too (matplotlib ships 2014 / 2_17).
   mkdir -p "$DOWNLOAD"
   # shellcheck disable=SC2086
-  exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --implementation cp -d "$DOWNLOAD" $NEEDED
+    --implementation cp -d "$DOWNLOAD" $NEEDED || exit 2
+  # miniclip itself as a wheel (pure Python): installed there without a build backend. The stages still import
+  # the checkout (PYTHONPATH comes first), so a stale wheel changes nothing but the console scripts.
+  SRC=$(mktemp -d) && cp -r pyproject.toml README.md miniclip "$SRC" && DEST=$(cd "$DOWNLOAD" && pwd) &&
+    "$PY" -m pip wheel --no-deps --no-build-isolation -w "$DEST" "$SRC" >/dev/null || exit 2
+  rm -rf "$SRC"  # built in a copy: no build/ or egg-info left in the checkout
+  echo "gpu_check: $(ls "$DOWNLOAD"/*.whl | wc -l) wheels in $DOWNLOAD ($(du -sh "$DOWNLOAD" | cut -f1))"
+  exit 0
 fi
 
 # --- 1. is there a GPU? ------------------------------------------------------------------------------------------
