@@ -137,6 +137,7 @@ run_stage() {  # NAME CAP_SECONDS COMMAND...
   STATUS+=("| $name | $state | $((SECONDS - start)) | $cap |")
 }
 
+((DRY)) || rm -f "$RESULT" "$OUT"/{train_vit_b_16,train_tinyclip,encode,gpu_busy}.{md,json}  # no stale numbers
 TS="$PY bench/train_speed.py --device cuda --precisions bf16 --threads 4 --no-wait"
 run_stage cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 run_stage train-vit-b-16 130 $TS --config OpenAI-ViT-B-16 --batch 256 --reps 2 --steps 10 --warmup 3 \
