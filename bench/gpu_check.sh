@@ -68,7 +68,7 @@ elif [[ -z $GPU ]]; then
   exit 0
 fi
 
-mkdir -p "$OUT/logs"
+((DRY)) || mkdir -p "$OUT/logs"
 LOGS=$OUT/logs RESULT=$OUT/RESULTS_GPU.md FAILED=0 STATUS=()
 CORES=$(nproc)
 WORKERS=$((CORES > 3 ? CORES - 2 : 1))
@@ -86,7 +86,8 @@ print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
 }
 if ((DRY)); then
-  echo "dry run: would install from ${WHEELS:-<no wheel folder>} what is missing now: $(missing)"
+  MISSING=$(missing)
+  echo "dry run: would install from ${WHEELS:-<no wheel folder>} what is missing now: ${MISSING:-nothing}"
 elif [[ -n $(missing) ]]; then
   if [[ -z $WHEELS || ! -d $WHEELS ]]; then
     echo "gpu_check: missing Python packages ($(missing)) and no wheel folder given. Fix: on a machine with a" \
