@@ -93,12 +93,14 @@ def make_window(skip: int, last: int, on_gpu: bool):
     return Window()
 
 
-def one_epoch_file(train_file: Path, n: int) -> Path:
-    """The caption file with its entries repeated to n samples, so the timed steps lie inside one epoch: a new
-    epoch restarts the loader's prefetch queue (a stall real runs, with epochs of thousands of steps, rarely see).
-    Every sample is still decoded from its JPEG."""
+def one_epoch_file(train_file: Path, samples: int) -> Path:
+    """The caption file with its entries repeated until, with every caption its own pair (caption_mode "all"), an
+    epoch has `samples` pairs: the timed steps lie inside one epoch, because a new epoch restarts the loader's
+    prefetch queue (a stall real runs, with epochs of thousands of steps, rarely see). Every sample is still
+    decoded from its JPEG."""
     from miniclip.files import atomic_write_text
     entries = json.loads(train_file.read_text(encoding="utf-8"))
+    n = -(-samples // min(len(e["caption"]) for e in entries))
     path = train_file.with_name(f"{train_file.stem}-x{n}.json")
     if not path.is_file():
         atomic_write_text(path, json.dumps([entries[i % len(entries)] for i in range(n)], ensure_ascii=False))
@@ -126,7 +128,7 @@ def run(args) -> dict:
                 "--dataloader_num_workers", str(args.workers), "--dataloader_persistent_workers",
                 str(args.workers > 0), "--dataloader_drop_last", "True", "--save_strategy", "no",
                 "--eval_strategy", "no", "--report_to", "none", "--logging_steps", "50", "--seed", "0",
-                "--disable_tqdm", "True", "--use_cpu", str(not on_gpu)]
+                "--disable_tqdm", "True", "--use_cpu", str(not on_gpu), "--caption_mode", "all"]
         train_main(argv, callbacks=[window])
     r = window.result
     busy = r["busy_readings"]
