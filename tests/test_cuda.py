@@ -246,7 +246,7 @@ class NoSyncWindow(TrainerCallback):
     ({}, False),
     ({"non_blocking_transfers": False}, True),  # the controls: each stock default alone makes the check fire
     ({"logging_nan_inf_filter": True}, True),
-])
+], ids=["defaults", "control-blocking-copies", "control-nan-filter"])
 def test_training_steps_make_no_host_sync(tmp_path, overrides, syncs):
     """The steady-state step (batch copy, forward, loss, NaN bookkeeping, backward, clipping, fused AdamW, clamp,
     schedule) never waits for the GPU with ClipTrainingArguments' defaults: pinned memory + non-blocking copies, no
