@@ -260,3 +260,20 @@ def test_evaluate_needs_records(tmp_path):
 def test_siglip_needs_a_bias(tmp_path):
     with pytest.raises(ValueError, match="logit_bias"):
         _trainer(_model("tiny-vit"), tmp_path, trainer_kwargs={"loss": "siglip"})
+
+
+# --- GPU-step defaults ------------------------------------------------------------------------------------------------
+def test_defaults_keep_host_syncs_out_of_the_step(tmp_path):
+    """Two stock defaults each make the host wait for the GPU once per step; ClipTrainingArguments changes them:
+    no NaN filter in the Trainer's loop (ClipTrainer stops on a NaN loss instead), and non-blocking batch copies
+    from pinned memory. tests/test_cuda.py proves the step sync-free on a GPU."""
+    args = ClipTrainingArguments(output_dir=str(tmp_path / "a"), report_to="none")  # no use_cpu: pinned memory
+    assert args.logging_nan_inf_filter is False
+    assert args.dataloader_pin_memory and args.accelerator_config.non_blocking
+    trainer = ClipTrainer(_model("tiny-vit"), args, train_dataset=TensorPairs(_model("tiny-vit").config),
+                          data_collator=default_data_collator)
+    assert trainer.get_train_dataloader()._non_blocking  # what accelerate's DataLoaderShard copies with
+    blocking = ClipTrainingArguments(output_dir=str(tmp_path / "b"), report_to="none", non_blocking_transfers=False)
+    assert not blocking.accelerator_config.non_blocking
+    assert ClipTrainingArguments(output_dir=str(tmp_path / "c"), report_to="none",
+                                 logging_nan_inf_filter=True).logging_nan_inf_filter
