@@ -12,7 +12,7 @@ from typing import Literal
 from transformers import HfArgumentParser, TrainingArguments
 
 from miniclip.config import check_literal
-from miniclip.data.captions import BadSamplePolicy
+from miniclip.data.captions import BadSamplePolicy, CaptionFileOptions
 from miniclip.data.dataset import CaptionMode
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
 from miniclip.training.locking import Locks
@@ -77,7 +77,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(CaptionFileOptions):
     train_file: str | None = field(default=None, metadata={"help": (
         'Training captions: a JSON list [{"image": "images/x.jpg", "caption": ["...", ...]}], JSON Lines, or CSV '
         "with image / caption columns. Without it: the embedded default run on a synthetic set.")})
@@ -85,14 +85,14 @@ class DataArguments:
         "Validation captions (same formats): retrieval recall during training (eval_strategy) and at the end.")})
     test_file: str | None = field(default=None, metadata={"help": "Captions evaluated once, after training."})
     image_root: str | None = field(default=None, metadata={"help": (
-        "Folder image paths are relative to (default: the folder of each caption file). Paths may not escape it.")})
+        "Folder relative image paths are relative to (default: the folder of each caption file).")})
     caption_mode: CaptionMode = field(default="random", metadata={"help": (
         "'random': one caption per image per epoch, picked from (seed, epoch, index), so resumes reproduce it; "
         "'all': every caption is its own training pair.")})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
     on_bad: BadSamplePolicy = field(default="error", metadata={"help": (
-        "Bad samples (missing / corrupt image, empty captions, path outside the root): 'error' stops with the "
+        "Bad samples (missing / corrupt image, empty captions, path outside a confined root): 'error' stops with the "
         "file and entry; 'skip' drops them and counts them in the log.")})
     augment: bool = field(default=True, metadata={"help": (
         "Random resized crop (scale 0.9-1) on training images; false = the evaluation transform.")})
