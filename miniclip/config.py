@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-# Installed without the repository (pip install .): configs are looked up here as well.
+# The configs ship inside the package (pip install ., wheels); the checkout's top-level model_configs/ links here.
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = PACKAGE_CONFIG_DIR
 
 TextTower = Literal["transformer", "bert"]
 ResizeMode = Literal["shortest", "squash"]
@@ -170,7 +170,7 @@ class ClipConfig:
 
 
 def _config_dirs() -> list[Path]:
-    return [d for d in (CONFIG_DIR, PACKAGE_CONFIG_DIR) if d.is_dir()]
+    return [d for d in (PACKAGE_CONFIG_DIR,) if d.is_dir()]
 
 
 def list_model_configs() -> list[str]:
