@@ -335,9 +335,9 @@ def main(argv: list[str] | None = None) -> list[Run]:
     return runs
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-ablate` console script (and `python -m miniclip.apps.ablate`)."""
-    run_cli(main, prog="miniclip-ablate")
+    run_cli(main, argv, prog="miniclip-ablate")
 
 
 if __name__ == "__main__":

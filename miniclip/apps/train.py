@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     return RunResult(Path(training_args.output_dir), train_result.metrics, eval_metrics, test_metrics, trainer)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-train` console script (and `python train.py`)."""
-    run_cli(main, prog="train.py")
+    run_cli(main, argv, prog="train.py")
 
 
 if __name__ == "__main__":

@@ -97,8 +97,29 @@ def resolve(name_or_path: str | Path) -> Path:
         return _fetch(name, KNOWN[name])
     if _is_repo_id(name):
         return _fetch(name, Source(repo_id=name, groups=HF_FOLDER + OPEN_CLIP_FOLDER))
+    _refuse_config_name(name)
     raise FileNotFoundError(f"{name!r} is neither an existing file or folder, nor a known checkpoint name, nor a "
                             f"Hugging Face repo id (org/name). Known names: {', '.join(list_known_names())}")
+
+
+def checkpoints_for_config(config_name: str) -> list[str]:
+    """Known checkpoint names of a model config (an architecture): TinyCLIP-ViT-8M-16-Text-3M ->
+    [TinyCLIP-ViT-8M-16-Text-3M-YFCC15M]; a name that is both (OpenAI-ViT-B-32) -> itself."""
+    return sorted(n for n in KNOWN if n == config_name or n.startswith(config_name + "-"))
+
+
+def _refuse_config_name(name: str) -> None:
+    """A model config name given where a checkpoint is wanted: say which checkpoints exist for it."""
+    from miniclip.config import list_model_configs
+    if name not in list_model_configs():
+        return
+    known = checkpoints_for_config(name)
+    fix = f"or --model_config {name} to train it from scratch (random init)"
+    if known:
+        raise FileNotFoundError(f"{name!r} is a model config (an architecture), not a checkpoint; the known "
+                                f"checkpoint(s) for it: {', '.join(known)}. Pass one of those to --pretrained, {fix}")
+    raise FileNotFoundError(f"{name!r} is a model config (an architecture) with no known published checkpoint. "
+                            f"Pass a checkpoint file or folder to --pretrained, {fix}")
 
 
 def _local(folder: Path, source: Source) -> Path | None:

@@ -6,6 +6,7 @@ Leaves out on purpose: running anything (apps/train.py does).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,7 @@ from miniclip.data.dataset import CaptionMode
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
 from miniclip.training.locking import Locks
 
+logger = logging.getLogger(__name__)
 LossKind = Literal["clip", "siglip"]
 
 
@@ -138,9 +140,21 @@ class ClipTrainingArguments(TrainingArguments):
         "through other processes' copies of the features.")})
 
     def __post_init__(self):
+        if (self.bf16 or self.fp16) and not self.use_cpu and not _has_accelerator():
+            # transformers would stop with "Your setup doesn't support bf16/gpu": mixed precision on the CPU it is
+            logger.warning("--%s without a GPU: training on the CPU (use_cpu=True)", "bf16" if self.bf16 else "fp16")
+            self.use_cpu = True
         super().__post_init__()
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+
+
+def _has_accelerator() -> bool:
+    """A device transformers runs mixed precision on besides the CPU (CUDA / ROCm, Apple MPS, Intel XPU)."""
+    import torch
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or bool(xpu is not None and xpu.is_available()))
 
 
 def as_argv(values: dict) -> list[str]:
