@@ -73,6 +73,24 @@ def test_pretrained_without_train_file_is_an_error_not_the_default_run(tmp_path,
     assert "train.py: error: --pretrained needs --train_file" in capsys.readouterr().err
 
 
+def test_arguments_file_then_flags(tmp_path):
+    """`python train.py args.yaml --resume_from_checkpoint latest` (the README): the flags override the file."""
+    args_file = tmp_path / "args.yaml"
+    args_file.write_text("model_config: tiny-vit\ntrain_file: data/train.json\nmax_steps: 7\nlearning_rate: 0.01\n"
+                         f"output_dir: {tmp_path}\n")
+    model_args, data_args, training_args, default_run = parse_args([str(args_file), "--resume_from_checkpoint",
+                                                                    "latest", "--max_steps", "3"])
+    assert not default_run and model_args.model_config == "tiny-vit" and data_args.train_file == "data/train.json"
+    assert (training_args.max_steps, training_args.learning_rate, training_args.resume_from_checkpoint) == \
+        (3, 0.01, "latest")
+    args_file.write_text("learning_rate: 0.5\n")  # no data: the default run, the file on top of it, flags on top
+    model_args, _, training_args, default_run = parse_args([str(args_file), "--max_steps", "3"])
+    assert default_run and model_args.model_config == "tiny-default" and training_args.learning_rate == 0.5
+    args_file.write_text("learning_rat: 0.5\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        parse_args([str(args_file), "--max_steps", "3"])
+
+
 # --- item 6: mixed precision without a GPU --------------------------------------------------------------------------
 @pytest.mark.skipif(not CPU_ONLY, reason="checks the CPU-only fallback; this machine has a GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -7,7 +7,7 @@ Leaves out on purpose: running anything (apps/train.py does).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -168,13 +168,25 @@ def is_args_file(argv: list[str]) -> bool:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ClipTrainingArguments, bool]:
-    """-> (model, data, training arguments, is_default_run). Flags, or one arguments file. Without --train_file
+    """-> (model, data, training arguments, is_default_run). Flags, one arguments file, or the file then flags that
+    override it. Without --train_file
     the run is the embedded default run: DEFAULT_RUN first, the user's own values on top."""
     parser = HfArgumentParser((ModelArguments, DataArguments, ClipTrainingArguments))
     values = read_mapping_file(argv[0], "arguments file") if is_args_file(argv) else None
     if values is not None:
         default_run = not values.get("train_file") and not values.get("pretrained")
         return (*parser.parse_dict({**DEFAULT_RUN, **values} if default_run else values), default_run)
+    if argv and is_args_file(argv[:1]):  # `train.py args.yaml --resume_from_checkpoint latest`: flags on top
+        values = read_mapping_file(argv[0], "arguments file")
+        known = {f.name for cls in (ModelArguments, DataArguments, ClipTrainingArguments) for f in fields(cls)}
+        if set(values) - known:
+            raise ValueError(f"arguments file {argv[0]}: unknown key(s) {sorted(set(values) - known)}")
+        flags = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
+        default_run = not ({"--train_file", "--pretrained"} & flags or values.get("train_file")
+                           or values.get("pretrained"))
+        # DEFAULT_RUN (default run only) < the file < the flags after it
+        parser.set_defaults(**({**DEFAULT_RUN, **values} if default_run else values))
+        return (*parser.parse_args_into_dataclasses(args=argv[1:]), default_run)
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     default_run = "--train_file" not in given and "--pretrained" not in given
     # Defaults first: argparse keeps the last occurrence, so the user's own flags win.
