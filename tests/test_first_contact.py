@@ -53,6 +53,12 @@ def test_config_name_as_checkpoint_names_the_known_checkpoints():
     assert sum(bool(names) for names in with_weights.values()) == 11  # 6 TinyCLIP, 3 OpenAI, 2 Chinese-CLIP
 
 
+def test_hub_folder_is_the_checkouts_model_hub(monkeypatch):
+    from miniclip.checkpoints.hub import hub_dir
+    monkeypatch.delenv("MINICLIP_HUB_DIR", raising=False)
+    assert hub_dir() == REPO / "model_hub"  # git-ignored, next to the code (an installed wheel: the cache)
+
+
 def test_train_py_with_a_config_name_as_pretrained(tmp_path, capsys):
     train_file = caption_set(tmp_path)
     with pytest.raises(SystemExit) as exit_:

@@ -53,9 +53,10 @@ def wheel_venv(tmp_path_factory):
 def test_wheel_ships_configs_and_vocab(wheel_venv):
     python, _, env, work = wheel_venv
     out = _run([python, "-c", "import json, miniclip, miniclip.tokenizer as t; from miniclip import "
-                "list_model_configs; print(json.dumps([miniclip.__file__, list_model_configs(), "
-                "str(t.find_bert_vocab())]))"], work, env)
-    location, names, vocab = json.loads(out.strip().splitlines()[-1])
+                "list_model_configs; from miniclip.checkpoints.hub import hub_dir; print(json.dumps(["
+                "miniclip.__file__, list_model_configs(), str(t.find_bert_vocab()), str(hub_dir())]))"], work, env)
+    location, names, vocab, hub = json.loads(out.strip().splitlines()[-1])
+    assert Path(hub) == Path(env["MINICLIP_CACHE"]) / "hub"  # downloads go to the cache, not into site-packages
     venv = python.parent.parent
     assert Path(location).is_relative_to(venv) and not Path(location).is_relative_to(REPO), location
     assert Path(vocab).is_relative_to(venv)

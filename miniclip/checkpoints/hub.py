@@ -14,7 +14,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-HUB_DIR = Path(__file__).resolve().parent.parent / "model_hub"
+HUB_DIR = Path(__file__).resolve().parents[2] / "model_hub"  # a checkout's git-ignored model_hub/
 TINYCLIP_RELEASES = "https://github.com/wkcn/TinyCLIP-model-zoo/releases/download/checkpoints/"
 OPENAI_URLS = "https://openaipublic.azureedge.net/clip/models/"
 # Alternatives: any one group of files is a complete checkpoint, tried in order.
@@ -71,8 +71,14 @@ def list_known_names() -> list[str]:
 
 
 def hub_dir() -> Path:
-    """`$MINICLIP_HUB_DIR`, else the repository's model_hub/."""
-    return Path(os.environ.get("MINICLIP_HUB_DIR") or HUB_DIR)
+    """`$MINICLIP_HUB_DIR`, else the checkout's model_hub/, else (an installed package, where that folder would be
+    inside site-packages) the cache: $MINICLIP_CACHE/hub or ~/.cache/miniclip/hub."""
+    if os.environ.get("MINICLIP_HUB_DIR"):
+        return Path(os.environ["MINICLIP_HUB_DIR"])
+    if HUB_DIR.is_dir():
+        return HUB_DIR
+    from miniclip.files import cache_dir
+    return cache_dir("hub")
 
 
 def _offline() -> bool:
