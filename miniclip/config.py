@@ -17,9 +17,9 @@ from typing import Any, Literal, get_args
 
 from miniclip.files import read_mapping_file
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-# Installed without the repository (pip install .): configs are looked up here as well.
+# The configs ship inside the package (pip install ., wheels); the checkout's top-level model_configs/ links here.
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = PACKAGE_CONFIG_DIR
 
 # Text lengths the published towers were trained with: CLIP's BPE (Radford et al. 2021) and Chinese-CLIP's BERT
 # (Yang et al. 2022; BERT itself would allow max_position_embeddings).
@@ -306,7 +306,7 @@ HF_FIX = ("Fix: point it at a local folder holding config.json and the tokenizer
 
 
 def _config_dirs() -> list[Path]:
-    return [d for d in (CONFIG_DIR, PACKAGE_CONFIG_DIR) if d.is_dir()]
+    return [d for d in (PACKAGE_CONFIG_DIR,) if d.is_dir()]
 
 
 def list_model_configs() -> list[str]:

@@ -19,6 +19,7 @@ VOCAB_FILENAME = "vocab.txt"
 HF_TOKENIZER_DIR = "text_tower"  # a miniclip checkpoint's copy of a transformers tokenizer
 # Files of which one marks a folder holding a transformers tokenizer (a VisionTextDualEncoder folder has them on top).
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+CHINESE_BERT_VOCAB = Path(__file__).resolve().parent / "vocab" / "bert-base-chinese-vocab.txt"
 
 
 @dataclass
@@ -132,24 +133,17 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 
 def find_bert_vocab(checkpoint_dir: str | Path | None = None) -> Path:
-    """vocab.txt from the checkpoint directory if it has one, else the copy inside the installed `cn_clip` wheel."""
-    looked = []
+    """vocab.txt from the checkpoint directory if it has one, else the Chinese BERT vocabulary shipped with miniclip
+    (the one Chinese-CLIP's models use; miniclip/vocab/NOTICE says where it comes from)."""
     if checkpoint_dir is not None:
         candidate = Path(checkpoint_dir) / VOCAB_FILENAME
-        looked.append(str(candidate))
         if candidate.is_file():
             return candidate
-    try:
-        import cn_clip.clip
-        candidate = Path(cn_clip.clip.__file__).parent / VOCAB_FILENAME
-        looked.append(str(candidate))
-        if candidate.is_file():
-            return candidate
-    except ImportError:
-        looked.append("the cn_clip package (not installed)")
-    raise FileNotFoundError(
-        "no Chinese BERT vocab.txt found; looked in: " + "; ".join(looked) +
-        ". Fix: put the model's vocab.txt next to the checkpoint, or `pip install cn_clip` (its wheel ships it).")
+    if not CHINESE_BERT_VOCAB.is_file():
+        raise FileNotFoundError(f"no Chinese BERT vocab.txt found: neither in {checkpoint_dir} nor the shipped "
+                                f"{CHINESE_BERT_VOCAB} (a broken install: reinstall miniclip, or put the model's "
+                                "vocab.txt next to the checkpoint)")
+    return CHINESE_BERT_VOCAB
 
 
 def get_tokenizer(config: ClipConfig | TextConfig, checkpoint_dir: str | Path | None = None):

@@ -22,7 +22,7 @@ import torch
 from miniclip.apps.cli import parse_dataclass, run_cli
 from miniclip.checkpoints import load_model_and_tokenizer
 from miniclip.config import check_literal
-from miniclip.data.captions import BadSamplePolicy, read_caption_file
+from miniclip.data.captions import BadSamplePolicy, CaptionFileOptions, read_caption_file
 from miniclip.evaluation.encode import Encoder, flatten_captions
 from miniclip.evaluation.feature_cache import cached_features, files_fingerprint, model_fingerprint, texts_fingerprint
 from miniclip.evaluation.metrics import first_caption_indices, first_caption_retrieval, retrieval_metrics, zeroshot_metrics
@@ -39,7 +39,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 @dataclass
-class TestArguments:
+class TestArguments(CaptionFileOptions):
     checkpoint: str | None = field(default=None, metadata={"help": "Anything the loader takes: a miniclip output "
                                                            "dir, an open_clip / HF / Chinese-CLIP checkpoint."})
     model_config: str | None = field(default=None, metadata={"help": "Instead of --checkpoint: a model config name "
@@ -162,7 +162,7 @@ def single_image(run: Runner) -> dict:
 
 def retrieval(run: Runner) -> dict:
     a = run.args
-    records = read_caption_file(a.eval_file, a.image_root, on_bad=a.on_bad)
+    records = read_caption_file(a.eval_file, a.image_root, on_bad=a.on_bad, **a.caption_file_kwargs())
     name = Path(a.eval_file).stem
     image_embeds, kept = run.images([r.image for r in records], name)
     records = [records[i] for i in kept.tolist()]  # images that could be read, in order

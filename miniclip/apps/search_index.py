@@ -49,10 +49,9 @@ def read_image_set(data: str | Path, image_root: str | Path | None = None) -> Im
     data = Path(data)
     if data.is_dir():
         return _folder_images(data)
-    records = read_caption_file(data, image_root=image_root, check_files=False)
-    captions: dict[Path, list[str]] = {}
-    for record in records:  # an image listed twice keeps one entry with all its captions
-        captions.setdefault(record.image, []).extend(record.captions)
+    # Served to whoever opens the page: only images under the root (an image listed twice is one record).
+    records = read_caption_file(data, image_root=image_root, check_files=False, confine_to_root=True)
+    captions = {record.image: record.captions for record in records}
     present = [p for p in captions if p.is_file()]
     missing = [p for p in captions if not p.is_file()]
     if not present:

@@ -98,7 +98,8 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
 def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None) -> list[CaptionRecord] | None:
     if path is None:
         return None
-    records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad,
+                                **data_args.caption_file_kwargs())
     return _readable(records[:limit] if limit else records, data_args.on_bad, path)
 
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
         raise ValueError("--pretrained needs --train_file (the captions to finetune on); the embedded default run "
                          "trains from scratch on its synthetic set")
     # Caption files first: a bad file fails in a second, before any model is built.
-    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad,
+                                **data_args.caption_file_kwargs())
     eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
     test_records = read_eval_records(data_args.test_file, data_args, None)
     model, tokenizer = build_model(model_args)
