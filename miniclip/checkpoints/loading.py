@@ -107,8 +107,8 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
     if given is not None:
         return given, f"given ({given.name or 'dict'})"
     if ckpt.config is not None:
-        return ckpt.config, f"stored in the checkpoint ({ckpt.layout})"
-    convention = LAYOUTS[ckpt.layout].quick_gelu
+        return ckpt.config, f"{ckpt.note or 'stored in the checkpoint'} ({ckpt.layout})"
+    convention = ckpt.quick_gelu if ckpt.quick_gelu is not None else LAYOUTS[ckpt.layout].quick_gelu
     config = infer_config(ckpt.state, quick_gelu=bool(convention))
     source = "inferred from shapes"
     known = _known_config_like(config)
@@ -122,9 +122,13 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
     if convention is None:
         hint = (f" Its shapes are those of {known.name!r} (quick_gelu={known.quick_gelu}): pass config="
                 f"{known.name!r} if it is that model." if known is not None else "")
-        logger.warning("%s: the checkpoint does not say which activation it was trained with; assuming GELU "
+        logger.warning("%s: the checkpoint does not say which activation it was trained with%s; assuming GELU "
                        "(LAION open_clip / TinyCLIP). If it was trained with QuickGELU (OpenAI-initialised, "
-                       "*-quickgelu models), pass config= with \"quick_gelu\": true.%s", ckpt.file, hint)
+                       "*-quickgelu models), pass config= with \"quick_gelu\": true.%s", ckpt.file,
+                       f" ({ckpt.note})" if ckpt.note else "", hint)
+    elif ckpt.note:
+        source += f"; {'QuickGELU' if convention else 'GELU'}: {ckpt.note}"
+        logger.info("%s: %s activation: %s", ckpt.file, "QuickGELU" if convention else "GELU", ckpt.note)
     return config, source
 
 
