@@ -62,6 +62,8 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
         raise CheckpointError(f"{ckpt.file} (detected layout: {ckpt.layout}): {e}"
                               + "".join(f"\nLikely cause: {h}" for h in foreign_hints(ckpt.state))) from None
     chosen = _with_sizes(chosen, image_size, context_length)
+    if given is None:  # a given config is the caller's word (a tokenizer of their own may go with it)
+        check_vocabulary(chosen, ckpt)
     resized = adapt_positions(ckpt.state, chosen)
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
         skeleton = MiniClip(chosen)
@@ -144,6 +146,25 @@ def _with_sizes(config: ClipConfig, image_size: int | None, context_length: int 
 
 
 # --- strict validation --------------------------------------------------------------------------------------------------
+def check_vocabulary(config: ClipConfig, ckpt: Checkpoint) -> None:
+    """The token embedding needs a row for every id the tower's tokenizer emits; fewer rows would load and then
+    fail in encode_text with a bare IndexError. (More rows are fine: unused ids.)"""
+    try:
+        tokenizer = get_tokenizer(config, checkpoint_dir=ckpt.directory)
+    except FileNotFoundError:
+        return  # no vocabulary to compare with; load_model_and_tokenizer says so when it is needed
+    rows, needed = config.text_cfg.vocab_size, tokenizer.vocab_size
+    if rows < needed:
+        key = ("text_encoder.bert.embeddings.word_embeddings.weight" if config.text_cfg.tower == "bert"
+               else "text_encoder.token_embedding.weight")
+        raise CheckpointError(
+            f"{ckpt.file}: {ckpt.origin.get(key, key)} has {rows} rows but the tower's tokenizer "
+            f"({type(tokenizer).__name__}) emits ids up to {needed - 1} ({needed} tokens); nothing was loaded. "
+            "Fix: the embedding was cut or trained with another tokenizer: use the original file, or a config and "
+            "tokenizer with that vocabulary.")
+
+
+
 def _same_shape(value: torch.Tensor, target: torch.Tensor) -> bool:
     # a scalar stored as shape (1,) (older logit_scale) is the same value
     return value.shape == target.shape or (value.numel() == target.numel() == 1 and value.ndim <= 1)
