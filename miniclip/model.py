@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -180,10 +181,27 @@ class MiniClip(nn.Module):
         else:
             lock_text_tower(self.text_encoder, unlocked_layers)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Called by the HF Trainer when `--gradient_checkpointing` is set."""
-        self.image_encoder.visual.set_grad_checkpointing(True)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """Called by the HF Trainer when `--gradient_checkpointing` is set: transformer blocks recompute their
+        activations in backward. A trainable ModifiedResNet tower is refused by name: open_clip gives it none (its
+        set_grad_checkpointing does nothing), and recomputing BatchNorm in train mode would update the running
+        statistics twice per step."""
+        if every_n_layers != 1 or offload:
+            raise ValueError("gradient_checkpointing: MiniClip recomputes every block, on the device; every_n_layers "
+                             f"={every_n_layers} / offload={offload} are not supported. Fix: leave them unset.")
+        visual = self.image_encoder.visual
+        if isinstance(visual, ModifiedResNet) and any(p.requires_grad for p in visual.parameters()):
+            raise ValueError(
+                "gradient_checkpointing: the image tower (open_clip ModifiedResNet) has no gradient checkpointing; "
+                "recomputing its BatchNorm layers would count their running statistics twice. Fix: train without "
+                "--gradient_checkpointing, or lock the image tower (--lock_image), which then saves no activations.")
+        visual.set_grad_checkpointing(True)
         self.text_encoder.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of activation_checkpointing_enable (transformers < 5 calls this one)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
