@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import miniclip.checkpoints as checkpoints
+import miniclip.checkpoints.loading as checkpoints
 from miniclip.checkpoints import CheckpointError, load_pretrained
 from miniclip.config import ClipConfig
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import set_seed
 
-import train
+from miniclip.apps import train  # what train.py runs
 from miniclip.model import MiniClip
 
 REPO = Path(__file__).resolve().parent.parent

@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=folders, show_error=False)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-demo` console script (and `python -m miniclip.apps.demo`)."""
-    run_cli(main, prog="miniclip-demo")
+    run_cli(main, argv, prog="miniclip-demo")
 
 
 if __name__ == "__main__":

@@ -230,6 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-eval` console script (and `python test.py`)."""
-    run_cli(main, prog="test.py")
+    run_cli(main, argv, prog="test.py")

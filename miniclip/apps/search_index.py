@@ -12,10 +12,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
+from miniclip.config import check_literal
 from miniclip.data.captions import read_caption_file
 from miniclip.evaluation.encode import Encoder
 from miniclip.evaluation.feature_cache import FeatureCacheError, cached_features, files_fingerprint, model_fingerprint
@@ -78,8 +79,7 @@ class SearchIndex:
 
     def search(self, query_embeds: torch.Tensor, k: int, backend: SearchBackend = "auto") -> list[tuple[int, float]]:
         """Exact top-k by cosine similarity -> [(row, score)], best first; k is clamped to 1..len(self)."""
-        if backend not in get_args(SearchBackend):
-            raise ValueError(f"backend={backend!r} is not one of {list(get_args(SearchBackend))}")
+        check_literal(backend, SearchBackend, "backend")
         query = torch.nn.functional.normalize(query_embeds.detach().float().cpu().reshape(1, -1), dim=-1)  # (1, D)
         if query.shape[1] != self.image_embeds.shape[1]:
             raise ValueError(f"query has {query.shape[1]} dims, the index {self.image_embeds.shape[1]}: "

@@ -87,7 +87,8 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
             kept.append(record)
         except ImageDecodeError as e:
             if on_bad == "error":
-                raise ImageDecodeError(f"{path}: entry {index}: {e}. Fix the file, or pass --on_bad skip") from None
+                raise ImageDecodeError(f"{path}: entry {index} (image {record.image}) cannot be decoded: {e.reason}. "
+                                       "Fix the file, or pass --on_bad skip", e.reason) from None
             logger.warning("%s: skipping entry %d: image %s cannot be decoded", path, index, record.image)
     if len(kept) < len(records):
         logger.warning("%s: skipped %d unreadable image(s) of %d", path, len(records) - len(kept), len(records))
@@ -142,7 +143,8 @@ def _report(name: str, metrics: dict) -> None:
     logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
 
 
-def main(argv: list[str] | None = None) -> RunResult:
+def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
+    """One training run from command-line style `argv`; `callbacks` (TrainerCallback) join the trainer's own."""
     model_args, data_args, training_args, default_run = parse_args(sys.argv[1:] if argv is None else list(argv))
     training_args.remove_unused_columns = False  # the collator needs the raw "caption" column
     _setup_logging(training_args)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer), processing_class=tokenizer,
                           eval_transform=image_transform(model.config, train=False, image_size=image_size),
-                          callbacks=[EpochCallback(train_dataset)])
+                          callbacks=[EpochCallback(train_dataset), *callbacks])
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
@@ -190,9 +192,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     return RunResult(Path(training_args.output_dir), train_result.metrics, eval_metrics, test_metrics, trainer)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-train` console script (and `python train.py`)."""
-    run_cli(main, prog="train.py")
+    run_cli(main, argv, prog="train.py")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ tensor shapes the way OpenAI's `build_model` does, plus open_clip's own `model_c
 
 Shapes are read by majority: the layer count is the run of consecutive, complete blocks from 0 and a width is the
 one most tensors agree on, so one stray or damaged tensor is reported as itself (by the validator) instead of
-turning every other tensor into a mismatch. Shapes cannot tell the attention head count: like OpenAI's `build_model`, heads = width / 64 (64-wide heads), a
-convention every published CLIP follows. Leaves out on purpose: timm / HF-hub towers and attentional poolers.
+turning every other tensor into a mismatch. Shapes cannot tell the attention head count: like OpenAI's
+`build_model`, heads = width / 64 (64-wide heads), a convention every published CLIP follows. Leaves out on
+purpose: inferring timm / transformers towers from shapes (their configs say what they are) and attentional poolers.
 """
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ from collections import Counter
 import torch
 
 from miniclip.checkpoints.io import CheckpointError
-from miniclip.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
+from miniclip.config import CHINESE_CLIP_CONTEXT_LENGTH, ClipConfig, PreprocessConfig, TextConfig, VisionConfig
 
 logger = logging.getLogger(__name__)
 
 HEAD_WIDTH = 64  # OpenAI's convention for every CLIP (and BERT-base / large heads)
-CHINESE_CLIP_CONTEXT = 52  # Chinese-CLIP's published context length (BERT itself allows max_position_embeddings)
 
 V = "image_encoder.visual."
 T = "text_encoder."
@@ -123,7 +123,7 @@ def infer_text(state: dict) -> tuple[TextConfig, int]:
         width = words.shape[1]
         prefix = T + "bert.encoder.layer."
         text = TextConfig(
-            tower="bert", context_length=CHINESE_CLIP_CONTEXT, vocab_size=words.shape[0], width=width,
+            tower="bert", context_length=CHINESE_CLIP_CONTEXT_LENGTH, vocab_size=words.shape[0], width=width,
             heads=width // _head_width(width, "BERT"), layers=_count_blocks(state, prefix),
             intermediate_size=_get(state, prefix + "0.intermediate.dense.weight", "BERT MLP").shape[0],
             max_position_embeddings=_get(state, T + "bert.embeddings.position_embeddings.weight", "BERT").shape[0],
@@ -168,6 +168,31 @@ _DEFAULT_VALUED = {"ls_init_value": None, "attentional_pool": False, "pool_type"
                    "proj_bias": False, "pool_type_text": None, "timm_model_name": None, "hf_model_name": None}
 
 
+# open_clip's options for timm / transformers towers, the same names in VisionConfig / TextConfig.
+_TIMM_KEYS = {"timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
+              "image_size"}
+_HF_TEXT_KEYS = {"hf_model_name", "hf_pooler_type", "hf_proj_type", "context_length"}
+
+
+def _any_towers(model_cfg: dict, where: str) -> tuple[dict | None, dict | None]:
+    """The vision_cfg / text_cfg of open_clip's timm / transformers towers (None for its own towers). Weights come
+    from the checkpoint, never downloaded; image size, context length and mean / std default to open_clip's."""
+    vision = text = None
+    if model_cfg["vision_cfg"].get("timm_model_name"):
+        vision = {"image_size": 224, **_pick(model_cfg["vision_cfg"], _TIMM_KEYS, where + " vision_cfg")}
+    text_in = model_cfg["text_cfg"]
+    if text_in.get("hf_model_name"):
+        tokenizer = text_in.get("hf_tokenizer_name")
+        if tokenizer not in (None, text_in["hf_model_name"]):
+            raise CheckpointError(f"{where}: text_cfg.hf_tokenizer_name={tokenizer!r} differs from hf_model_name; "
+                                  "MiniClip uses the text model's own tokenizer")
+        picked = _pick({k: v for k, v in text_in.items() if k != "hf_tokenizer_name"}, _HF_TEXT_KEYS,
+                       where + " text_cfg")
+        text = {"context_length": 77, "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp", **picked,
+                "hf_model_pretrained": False}
+    return vision, text
+
+
 def _pick(cfg: dict, allowed: set, where: str) -> dict:
     out = {}
     for key, value in cfg.items():
@@ -191,13 +216,12 @@ def config_from_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None, w
                                 "init_logit_bias", "custom_text", "cast_dtype"}
     if unknown:
         raise CheckpointError(f"{where}: unsupported model_cfg key(s) {sorted(unknown)} (MiniClip builds plain CLIPs)")
-    vision = _pick(model_cfg["vision_cfg"], _VISION_KEYS, where + " vision_cfg")
-    text = _pick(model_cfg["text_cfg"], _TEXT_KEYS, where + " text_cfg")
-    if not isinstance(vision.get("layers", 12), list):
-        vision.setdefault("patch_size", 16)
-    else:
-        vision["patch_size"] = None
-    pre = {}
+    timm_vision, hf_text = _any_towers(model_cfg, where)
+    vision = timm_vision or _pick(model_cfg["vision_cfg"], _VISION_KEYS, where + " vision_cfg")
+    text = hf_text or _pick(model_cfg["text_cfg"], _TEXT_KEYS, where + " text_cfg")
+    if not timm_vision:
+        vision["patch_size"] = None if isinstance(vision.get("layers", 12), list) else vision.get("patch_size", 16)
+    pre = {"mean": list(PreprocessConfig.mean), "std": list(PreprocessConfig.std)} if timm_vision else {}
     for key in ("mean", "std", "resize_mode"):
         if preprocess_cfg and key in preprocess_cfg:
             pre[key] = preprocess_cfg[key]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
-from miniclip.checkpoints import chinese_clip, hf_clip, runs
+from miniclip.checkpoints import chinese_clip, dual_encoder, hf_clip, runs
 from miniclip.checkpoints.architecture import config_from_open_clip
 from miniclip.checkpoints.io import (OPENAI_EXTRA_KEYS, CheckpointError, read_checkpoint, run_entries,
                                      safetensors_metadata, unwrap_state_dict)
@@ -19,7 +19,7 @@ from miniclip.config import ClipConfig
 from miniclip.files import read_mapping_file
 
 Format = Literal["auto", "miniclip", "tinyclip", "open_clip", "openai", "hf_clip", "cn_clip", "hf_chinese_clip",
-                 "tutorial", "open_clip_train", "tinyclip_train"]
+                 "hf_dual_encoder", "tutorial", "open_clip_train", "tinyclip_train"]
 ExportFormat = Literal["miniclip", "hf", "open_clip"]
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "model_config.json", "tokenizer_config.json"
@@ -98,7 +98,7 @@ def open_clip_to_miniclip(state: dict) -> tuple[dict, list, dict]:
             new = "image_encoder." + name
         elif name in ("logit_scale", "logit_bias"):
             new = f"{name}.{name}"
-        elif name.startswith(_OPEN_CLIP_TEXT):
+        elif name.startswith(_OPEN_CLIP_TEXT) or key.startswith("text."):  # text.*: a CustomTextCLIP's text tower
             new = "text_encoder." + name
         else:
             new = key
@@ -154,6 +154,11 @@ def _hf(layout: str, module, to_hf_config, to_miniclip, to_config, model_class: 
         renamed, ignored = to_miniclip(state, hf_config)
         return Checkpoint(renamed, layout, file, config=to_config(hf_config), ignored=list(ignored))
     return convert
+
+
+def _dual_encoder(state, file, config=None, hf_config=None):
+    renamed, origin, stored = dual_encoder.convert(state, file, config, hf_config)
+    return Checkpoint(renamed, "hf_dual_encoder", file, config=stored, origin=origin)
 
 
 # --- folders ----------------------------------------------------------------------------------------------------------
@@ -235,6 +240,10 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in [
            convert=_tinyclip_train, quick_gelu=False, key_prefixes=tuple(f"{t}." for t in runs.TINYCLIP_TOWERS),
            hint="this looks like a TinyCLIP training checkpoint (_image_encoder.* keys): pass "
            "format='tinyclip_train'", describe_run=runs.describe_tinyclip_train),
+    Layout("hf_dual_encoder", matches=dual_encoder.matches, convert=_dual_encoder,
+           key_prefixes=("vision_model.timm_model.",), hint="this looks like a transformers "
+           "VisionTextDualEncoderModel state dict (run_clip.py): load its folder, or pass format='hf_dual_encoder'",
+           read_folder=_hf_folder(dual_encoder.MODEL_TYPE)),
     Layout("hf_chinese_clip", matches=lambda keys, file, kind: _has(keys, ("text_model.encoder.layer.",))
            and _has(keys, ("vision_model.",)),
            convert=_hf("hf_chinese_clip", chinese_clip, chinese_clip.miniclip_config_to_hf_chinese_clip,
@@ -265,7 +274,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in [
 ]}
 assert set(LAYOUTS) == set(get_args(Format)[1:]), "every Format has one Layout record"
 # The folder kinds in the order they are recognised (an open_clip hub folder may hold any open_clip-family file).
-FOLDER_ORDER = ("miniclip", "open_clip", "openai", "tinyclip", "hf_clip", "hf_chinese_clip", "open_clip_train")
+FOLDER_ORDER = ("miniclip", "open_clip", "openai", "tinyclip", "hf_clip", "hf_chinese_clip", "hf_dual_encoder",
+                "open_clip_train")
 
 
 # --- reading ----------------------------------------------------------------------------------------------------------
@@ -326,7 +336,8 @@ def read_folder(directory: Path, format: str = "auto", allow_unsafe_pickle: bool
     if (directory / HF_CONFIG).is_file():
         model_type = _read_json(directory / HF_CONFIG).get("model_type")
         raise CheckpointError(f"{directory / HF_CONFIG} has model_type={model_type!r}; MiniClip loads 'clip' "
-                              "(CLIPModel) and 'chinese_clip' (ChineseCLIPModel) folders")
+                              "(CLIPModel), 'chinese_clip' (ChineseCLIPModel) and 'vision-text-dual-encoder' "
+                              "(VisionTextDualEncoderModel) folders")
     candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
                         and not _is_trainer_state(p.name))
     if len(candidates) != 1:

@@ -11,7 +11,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+
+from miniclip.config import check_literal
+from typing import Literal
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +89,7 @@ def _parse_entry(entry, index: int, root: Path) -> CaptionRecord:
 def read_caption_file(path: str | Path, image_root: str | Path | None = None,
                       on_bad: BadSamplePolicy = "error", check_files: bool = True) -> list[CaptionRecord]:
     """Parse and validate every entry. With on_bad="skip", bad entries are dropped and counted in the log."""
-    if on_bad not in get_args(BadSamplePolicy):
-        raise ValueError(f"on_bad={on_bad!r} is not one of {list(get_args(BadSamplePolicy))}")
+    check_literal(on_bad, BadSamplePolicy, "on_bad")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption file not found: {path}")

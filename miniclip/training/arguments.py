@@ -7,7 +7,6 @@ Leaves out on purpose: running anything (apps/train.py does).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -15,10 +14,8 @@ from miniclip.config import check_literal
 from miniclip.data.captions import BadSamplePolicy
 from miniclip.data.dataset import CaptionMode
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
+from miniclip.loss import LossKind
 from miniclip.training.locking import Locks
-
-LossKind = Literal["clip", "siglip"]
-
 
 @dataclass
 class ModelArguments:
@@ -136,11 +133,24 @@ class ClipTrainingArguments(TrainingArguments):
     gather_with_grad: bool = field(default=True, metadata={"help": (
         "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
         "through other processes' copies of the features.")})
+    # Two stock defaults changed because each costs a host sync on every GPU step (the CPU waits for the GPU, then
+    # the GPU waits for the CPU's next launches): the Trainer's NaN filter reads the loss on the host
+    # (`bool(torch.isnan(loss))`), and accelerate's blocking batch copy waits for the stream. ClipTrainer stops on
+    # a NaN loss anyway (NonFiniteLossCallback), so the filter has nothing left to do.
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
+        "Replace NaN / inf losses in the logs by the recent mean (the stock default; costs a host sync per step). "
+        "Off by default: ClipTrainer stops the run on a non-finite loss instead.")})
+    non_blocking_transfers: bool = field(default=True, metadata={"help": (
+        "Copy each batch to the GPU asynchronously from pinned memory (accelerate's non_blocking; needs "
+        "dataloader_pin_memory). False = accelerate's blocking copy, which syncs once per step.")})
 
     def __post_init__(self):
         super().__post_init__()
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+        if self.non_blocking_transfers and self.dataloader_pin_memory and hasattr(self.accelerator_config,
+                                                                                  "non_blocking"):
+            self.accelerator_config.non_blocking = True
 
 
 def as_argv(values: dict) -> list[str]:

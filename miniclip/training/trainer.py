@@ -24,8 +24,8 @@ from miniclip.config import check_literal
 from miniclip.data.captions import CaptionRecord
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
 from miniclip.files import atomic_write_text
-from miniclip.loss import build_loss
-from miniclip.training.arguments import ClipTrainingArguments, LossKind
+from miniclip.loss import LossKind, build_loss
+from miniclip.training.arguments import ClipTrainingArguments
 
 __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
 from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 # Parameters named like this never decay, whatever their shape: decaying an embedding table or the temperature
 # pulls them towards zero for no regularisation benefit (open_clip and Chinese-CLIP exclude them too).
 NO_DECAY_NAMES = frozenset({"logit_scale", "logit_bias", "token_embedding", "positional_embedding", "class_embedding",
-                            "word_embeddings", "position_embeddings", "token_type_embeddings"})
+                            "word_embeddings", "position_embeddings", "token_type_embeddings",
+                            "pos_embed", "cls_token", "dist_token", "reg_token"})  # timm's names (no_weight_decay())
 
 
 class NonFiniteLossError(FloatingPointError):
