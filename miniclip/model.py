@@ -108,8 +108,9 @@ class BertTextEncoder(nn.Module):
             self.text_projection.requires_grad = True
 
     def set_grad_checkpointing(self, enable: bool = True):
-        if enable:
-            self.bert.gradient_checkpointing_enable({"use_reentrant": False})
+        if enable:  # transformers 5 renamed gradient_ to activation_checkpointing_enable
+            (getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         else:
             self.bert.gradient_checkpointing_disable()
 

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from miniclip.loss import ClipLoss
 from miniclip.model import MiniClip
-from miniclip.training.throughput import TrainingFlops, measure_matmul_flops, peak_flops
+from miniclip.training.throughput import TrainingFlops, gpu_peak, measure_matmul_flops, peak_flops
 from test_trainer import TensorPairs, _model, _trainer
 
 
@@ -80,6 +80,8 @@ def test_peak_flops():
     assert peak_flops(torch.device("cpu")) == peak_flops(torch.device("cpu")) > 1e8  # measured once, then cached
     assert measure_matmul_flops(n=256, seconds=0.05) > 1e8
     assert peak_flops(torch.device("meta")) is None
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16") == 756e12 and gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "tf32") == 156e12 and gpu_peak("Tesla K80", "fp32") is None
 
 
 # --- gradient checkpointing ---------------------------------------------------------------------------------------------

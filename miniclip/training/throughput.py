@@ -8,6 +8,7 @@ logits (negligible next to the towers).
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -15,17 +16,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from miniclip.model import MiniClip
 
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, per precision: fp32 (CUDA cores), tf32 and 16-bit
-# (bf16 / fp16) on tensor cores; SXM parts where there are several.
-GPU_PEAK_TFLOPS = {
-    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
-    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0},
-    "RTX 4090": {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2},
-    "V100": {"fp32": 15.7, "tf32": 15.7, "bf16": 125.0},  # no bf16 on V100: the fp16 tensor-core peak
-    "T4": {"fp32": 8.1, "tf32": 8.1, "bf16": 65.0},
-}
+# Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets per precision: fp32 (CUDA cores), tf32 and 16-bit
+# (bf16 = fp16) on tensor cores. Matched against torch.cuda.get_device_name() in this order, the first match winning
+# ("H100 PCIe" before "H100"); the bf16 column is bench/train_speed.py's DATASHEET_BF16_TFLOPS.
+GPU_PEAK_TFLOPS = (
+    (r"\bGH200\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bH200 NVL\b", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    (r"\bH200\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bH100 PCIe\b", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0}),
+    (r"\bH100 NVL\b", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    (r"\bH100\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bA100\b", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
+    (r"\bL40S\b", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
+    (r"\bL4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
+    (r"\bA10\b", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0}),
+)
 _cpu_peak: dict[torch.dtype, float] = {}
 
 
@@ -98,14 +103,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float 
         name = torch.cuda.get_device_name(device)
         precision = "bf16" if dtype in (torch.bfloat16, torch.float16) else (
             "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-        for part, peaks in GPU_PEAK_TFLOPS.items():
-            if part in name:
-                return peaks[precision] * 1e12
-        return None
+        return gpu_peak(name, precision)
     if device.type == "cpu":
         if dtype not in _cpu_peak:
             _cpu_peak[dtype] = measure_matmul_flops(dtype)
         return _cpu_peak[dtype]
+    return None
+
+
+def gpu_peak(device_name: str, precision: str) -> float | None:
+    """Dense datasheet FLOP/s of a GPU by its torch.cuda.get_device_name() at "fp32", "tf32" or "bf16"; None if
+    the part is not in GPU_PEAK_TFLOPS."""
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, device_name):
+            return peaks[precision] * 1e12
     return None
 
 
