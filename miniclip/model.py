@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -107,8 +108,9 @@ class BertTextEncoder(nn.Module):
             self.text_projection.requires_grad = True
 
     def set_grad_checkpointing(self, enable: bool = True):
-        if enable:
-            self.bert.gradient_checkpointing_enable({"use_reentrant": False})
+        if enable:  # transformers 5 renamed gradient_ to activation_checkpointing_enable
+            (getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         else:
             self.bert.gradient_checkpointing_disable()
 
@@ -191,9 +193,21 @@ class MiniClip(nn.Module):
         else:
             lock_text_tower(self.text_encoder, unlocked_layers)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Called by the HF Trainer when `--gradient_checkpointing` is set."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """Called by the HF Trainer when `--gradient_checkpointing` is set: transformer blocks recompute their
+        activations in backward. A tower without it is refused by name; a trainable ModifiedResNet too: open_clip
+        gives it none (its set_grad_checkpointing does nothing), and recomputing BatchNorm in train mode would
+        update the running statistics twice per step."""
+        if every_n_layers != 1 or offload:
+            raise ValueError("gradient_checkpointing: MiniClip recomputes every block, on the device; every_n_layers "
+                             f"={every_n_layers} / offload={offload} are not supported. Fix: leave them unset.")
         visual = self.image_encoder.visual
+        if isinstance(visual, ModifiedResNet) and any(p.requires_grad for p in visual.parameters()):
+            raise ValueError(
+                "gradient_checkpointing: the image tower (open_clip ModifiedResNet) has no gradient checkpointing; "
+                "recomputing its BatchNorm layers would count their running statistics twice. Fix: train without "
+                "--gradient_checkpointing, or lock the image tower (--lock_image), which then saves no activations.")
         try:  # a timm trunk directly: open_clip's TimmModel would only log a warning when the model cannot
             (visual.trunk if self.config.vision_cfg.is_timm else visual).set_grad_checkpointing(True)
         except (AssertionError, NotImplementedError, AttributeError) as e:
@@ -205,6 +219,10 @@ class MiniClip(nn.Module):
                 {"use_reentrant": False})
         else:
             self.text_encoder.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of activation_checkpointing_enable (transformers < 5 calls this one)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

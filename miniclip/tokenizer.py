@@ -40,6 +40,11 @@ class ClipBpeTokenizer:
     def describe(self) -> dict:
         return {"kind": self.kind, "context_length": self.context_length}
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (49408 for CLIP's BPE; <eot> is the last)."""
+        return self._tokenizer.vocab_size
+
 
 @dataclass
 class BertWordPieceTokenizer:
@@ -73,6 +78,10 @@ class BertWordPieceTokenizer:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "context_length": self.context_length, "vocab_file": VOCAB_FILENAME}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab.values()) + 1
 
 
 @dataclass

@@ -69,14 +69,15 @@ def test_save_pretrained_function_and_tokenizer_argument(tmp_path):
 
 
 def test_trainer_output_without_config_is_inferred(tmp_path):
-    """The tutorial's Trainer writes model.safetensors with MiniClip's names and no config: shapes decide."""
+    """The tutorial's Trainer writes model.safetensors with MiniClip's names and no config: shapes decide, and the
+    activation is the tutorial's QuickGELU (test_run_checkpoints.py checks its embeddings)."""
     model = _random_model("tiny-vit")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "training_args.bin").write_bytes(b"not read")
     loaded = load_pretrained(tmp_path)
     _assert_same_model(model, loaded)
     assert loaded.config.vision_cfg.head_width == 32  # taken from the shipped tiny-vit config of the same shapes
-    assert loaded.load_info.layout == "miniclip"
+    assert loaded.load_info.layout == "tutorial" and loaded.config.quick_gelu is True
 
 
 # --- open_clip family: TinyCLIP, open_clip, OpenAI --------------------------------------------------------------------
