@@ -150,9 +150,11 @@ class ClipTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if (self.bf16 or self.fp16) and not self.use_cpu and not _has_accelerator():
-            # transformers would stop with "Your setup doesn't support bf16/gpu": mixed precision on the CPU it is
-            logger.warning("--%s without a GPU: training on the CPU (use_cpu=True)", "bf16" if self.bf16 else "fp16")
-            self.use_cpu = True
+            # transformers would stop with "Your setup doesn't support bf16/gpu": mixed precision on the CPU it is.
+            # fp16 there would silently be fp32 (accelerate has no CPU fp16 autocast or GradScaler): bf16 instead.
+            logger.warning("--%s without a GPU: training on the CPU (use_cpu=True)%s", "bf16" if self.bf16 else "fp16",
+                           "" if self.bf16 else " in bf16, the CPU's mixed precision")
+            self.use_cpu, self.bf16, self.fp16 = True, True, False
         super().__post_init__()
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
