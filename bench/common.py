@@ -57,6 +57,16 @@ def run_worker(script: Path, args: list[str], threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def try_worker(script: Path, args: list[str], threads: int) -> dict:
+    """`run_worker`, but a failed measurement (a peer that runs out of GPU memory, say) becomes {"error": its last
+    stderr line} in the table instead of ending the whole benchmark."""
+    try:
+        return run_worker(script, args, threads)
+    except RuntimeError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        return {"error": lines[-1][:160] if lines else "failed"}
+
+
 def interleave(jobs: list[tuple], reps: int, measure, label=lambda job: " ".join(map(str, job))) -> dict:
     """`measure(job, rep) -> dict` for every job, `reps` times, jobs interleaved within each repetition; the job
     order rotates each repetition so that no implementation always runs first or right after a heavy one."""
@@ -94,20 +104,24 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def machine_line(threads: int, device: str = "cpu") -> str:
     import torch
     if device == "cuda" and torch.cuda.is_available():
-        where = torch.cuda.get_device_name()
+        where = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
         where = f"CPU, {threads} threads of {os.cpu_count()} cores"
     return f"torch {torch.__version__}, {where}, load average at start {load_average():.2f}"
 
 
-def bench_main(doc: str, add_args, worker, measure_all, table, worker_metavar: tuple[str, str], extra=None) -> None:
+def bench_main(doc: str, add_args, worker, measure_all, table, worker_metavar: tuple[str, str], extra=None,
+               summary=None) -> None:
     """The command line every bench script shares: `--worker A B` runs one measurement in this (fresh) process and
     prints it as JSON; otherwise wait for a quiet CPU, run all measurements interleaved, print the table.
-    `extra(parser)` adds script-only flags and returns a function that handles them (True = handled)."""
+    `extra(parser)` adds script-only flags and returns a function that handles them (True = handled).
+    `summary(measured, args)` -> list of dicts (one per table row), written by `--json FILE`."""
     import argparse
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     p.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    p.add_argument("--out", help="also write the machine line and the table (markdown) to this file")
+    p.add_argument("--json", help="also write the table's rows as JSON to this file" if summary else argparse.SUPPRESS)
     p.add_argument("--worker", nargs=2, metavar=worker_metavar, help=argparse.SUPPRESS)
     handle_extra = extra(p) if extra else None
     args = p.parse_args()
@@ -119,5 +133,12 @@ def bench_main(doc: str, add_args, worker, measure_all, table, worker_metavar: t
     device = getattr(args, "device", "cpu")
     if device == "cpu" and not args.no_wait:
         wait_for_quiet()
-    print(machine_line(args.threads, device))
-    print(table(measure_all(args), args))
+    line = machine_line(args.threads, device)
+    print(line, flush=True)
+    measured = measure_all(args)
+    text = table(measured, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(f"{line}\n\n{text}\n")
+    if args.json and summary:
+        Path(args.json).write_text(json.dumps(summary(measured, args), indent=1) + "\n")

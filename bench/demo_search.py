@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from miniclip.apps.demo import Searcher  # noqa: E402
 from miniclip.model import MiniClip  # noqa: E402
 from miniclip.apps.search_index import build_index, read_image_set  # noqa: E402
+from miniclip.evaluation.encode import Encoder  # noqa: E402
 from miniclip.tokenizer import get_tokenizer  # noqa: E402
 from miniclip.transforms import image_transform  # noqa: E402
 
@@ -42,10 +43,12 @@ def bench_config(name: str, data: str, batch_size: int, repeats: int, k: int) ->
     model = MiniClip(name).eval()
     image_set = read_image_set(data)
     with tempfile.TemporaryDirectory() as cache:
-        built = build_index(model, image_set, image_transform(model.config), cache, batch_size)
-        loaded = build_index(model, image_set, image_transform(model.config), cache, batch_size, progress=False)
+        encoder = Encoder(model, image_transform(model.config), get_tokenizer(model.config), image_batch_size=batch_size)
+        built = build_index(encoder, image_set, cache)
+        encoder.progress = False
+        loaded = build_index(encoder, image_set, cache)
     assert not built.from_cache and loaded.from_cache
-    searcher = Searcher(model, get_tokenizer(model.config), loaded)
+    searcher = Searcher(encoder, loaded)
     searcher.text_search(QUERIES[0], k)  # warm-up
     text_ms = median_ms(lambda i: searcher.text_search(QUERIES[i % len(QUERIES)], k), repeats)
     images = [str(p) for p in loaded.images]

@@ -30,7 +30,7 @@ ABLATIONS = ("miniclip+bf16w",)
 def build(impl: str, config, device):
     """-> (model, encode_images(pixel_values), encode_texts(list[str]) -> tokenized inputs, encode_tokens)."""
     import torch
-    from miniclip.data.dataset import trim_tokens
+    from miniclip.tokenizer import trim_tokens
     from miniclip.tokenizer import get_tokenizer
     tokenizer = get_tokenizer(config)
     base, *opts = impl.split("+")

@@ -14,6 +14,8 @@ ClipTrainer.train (its overhead); +compile adds torch.compile (warm-up column = 
 
     python bench/train_speed.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 16 --steps 5 --reps 3
     python bench/train_speed.py --device cuda --config OpenAI-ViT-B-16 --batch 256 --precisions bf16   # GPU
+    python bench/train_speed.py --device cuda --batch max --precisions bf16   # the largest batch all peers fit
+A peer that fails (out of GPU memory, say) shows as "failed: <its error>" in its row; the others still run.
 """
 from __future__ import annotations
 
@@ -25,12 +27,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (bench_main, captions, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
-                          run_worker, spread)
+                          run_worker, spread, try_worker)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
 ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for model-FLOPs utilisation on GPUs.
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against
+# torch.cuda.get_device_name() in this order (the first match wins: "H100 PCIe" before "H100"). Datasheets quote the
+# 2:4-sparse figure first; the dense one is about half of it. MFU is reported against both this figure and the peak
+# this script measures with a large matmul (what the GPU really sustains at its clocks and power limit).
+DATASHEET_BF16_TFLOPS = (
+    (r"\bGH200\b", 989.0, "GH200 (H100 SXM-class)"), (r"\bH200 NVL\b", 835.0, "H200 NVL"),
+    (r"\bH200\b", 989.0, "H200 SXM"), (r"\bH100 PCIe\b", 756.0, "H100 PCIe"), (r"\bH100 NVL\b", 835.0, "H100 NVL"),
+    (r"\bH100\b", 989.0, "H100 SXM"), (r"\bA100\b", 312.0, "A100"),
+    (r"\bL40S\b", 362.0, "L40S"), (r"\bL4\b", 121.0, "L4"), (r"\bA10\b", 125.0, "A10"),
+)
+
+
+def datasheet_peak(device_name: str) -> tuple[float, str] | None:
+    """(dense bf16 TFLOP/s, part) from DATASHEET_BF16_TFLOPS for a CUDA device name, or None when not listed."""
+    import re
+    for pattern, tflops, part in DATASHEET_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops, part
+    return None
 
 
 def hf_clip_model(config):
@@ -52,7 +71,7 @@ def hf_clip_model(config):
 def build(impl: str, config, batch: int, device):
     """-> (model, loss_fn(model) -> scalar, fused_adamw). Inputs are made once; every step reuses them."""
     import torch
-    from miniclip.data.dataset import trim_tokens
+    from miniclip.tokenizer import trim_tokens
     from miniclip.tokenizer import get_tokenizer
     base, *opts = impl.split("+")
     g = torch.Generator().manual_seed(0)
@@ -92,24 +111,29 @@ def build(impl: str, config, batch: int, device):
     raise ValueError(f"unknown implementation {impl!r}; valid: {IMPLS + ABLATIONS + ('miniclip+compile',)}")
 
 
-def count_flops(model, loss_fn) -> float:
-    """Forward + backward FLOPs of one step (matmuls, convolutions, attention), by torch's FLOP counter."""
+def count_flops(model, loss_fn, device, precision: str) -> float:
+    """Forward + backward FLOPs of one step (matmuls, convolutions, attention), by torch's FLOP counter. Under the
+    step's autocast: the count is the same, the memory is the step's (an fp32 pass at a bf16 batch may not fit)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
-        loss_fn(model).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(model)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
 def trainer_worker(config, precision: str, args) -> dict:
     """The same miniclip step through the real `ClipTrainer.train` (fixed collated batch, so data loading is left
-    to data_speed.py): shows what the Trainer's loop, callbacks and checks add per step."""
+    to data_speed.py and bench/gpu_busy.py): shows what the Trainer's loop, callbacks and checks add per step. On a
+    GPU the batch lives there already (no pinning, no copy): the loop alone."""
     import tempfile
 
     import torch
     from transformers import TrainerCallback
 
-    from miniclip.data.dataset import trim_tokens
+    from miniclip.tokenizer import trim_tokens
     from miniclip.model import MiniClip
     from miniclip.tokenizer import get_tokenizer
     from miniclip.training.trainer import ClipTrainer, ClipTrainingArguments
@@ -117,25 +141,50 @@ def trainer_worker(config, precision: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     inputs = {"pixel_values": torch.randn(args.batch, 3, size, size, generator=g),
               **trim_tokens(get_tokenizer(config)(captions(args.batch)))}
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    on_gpu = args.device == "cuda"
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
-        def on_step_end(self, *a, **kw):
+        def on_step_end(self, a, state, control, **kw):
+            if on_gpu and state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()  # the GPU has finished the steps the CPU has queued
+                if state.global_step == args.warmup:
+                    torch.cuda.reset_peak_memory_stats()
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
         targs = ClipTrainingArguments(
             output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-            learning_rate=1e-5, weight_decay=0.1, bf16=precision == "bf16", use_cpu=args.device == "cpu",
+            learning_rate=1e-5, weight_decay=0.1, bf16=precision == "bf16", use_cpu=not on_gpu,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0)
+            remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=not on_gpu)
         trainer = ClipTrainer(MiniClip(config), targs, train_dataset=list(range(args.batch * (args.warmup + args.steps))),
                               data_collator=lambda _: dict(inputs), callbacks=[Clock()])
         start = time.perf_counter()
         trainer.train()
     seconds = stamps[-1] - stamps[args.warmup - 1]  # from the end of the last warm-up step to the end of the last
-    return {"samples_per_s": args.batch * args.steps / seconds, "peak_mb": peak_rss_mb(),
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mb()
+    return {"samples_per_s": args.batch * args.steps / seconds, "peak_mb": peak,
             "warmup_s": stamps[args.warmup - 1] - start, "gflop_per_sample": None}
+
+
+def make_step(impl: str, precision: str, config, batch: int, device, count: bool = False):
+    """-> (step(): one forward + backward + AdamW step, FLOPs of a step or None)."""
+    import torch
+    model, loss_fn, fused = build(impl, config, batch, device)
+    model.to(device).train()
+    flops = count_flops(model, loss_fn, device, precision) if count else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused or None)
+    run = torch.compile(model) if impl.endswith("+compile") else model
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(run)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, flops
 
 
 def worker(impl: str, precision: str, args) -> dict:
@@ -147,20 +196,8 @@ def worker(impl: str, precision: str, args) -> dict:
     config = load_model_config(args.config)
     if impl == "miniclip+trainer":
         return trainer_worker(config, precision, args)
-    model, loss_fn, fused = build(impl, config, args.batch, device)
-    model.to(device).train()
-    flops = count_flops(model, loss_fn) if args.count_flops else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused or None)
-    run = torch.compile(model) if impl.endswith("+compile") else model
+    step, flops = make_step(impl, precision, config, args.batch, device, count=args.count_flops)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(run)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     start = time.perf_counter()
     for _ in range(args.warmup):  # allocations, kernel selection, optimizer state, compilation
         step()
@@ -176,6 +213,40 @@ def worker(impl: str, precision: str, args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"samples_per_s": args.batch * args.steps / seconds, "peak_mb": peak, "warmup_s": warmup_s,
             "gflop_per_sample": flops / args.batch / 1e9 if flops else None}
+
+
+def largest_batch(impls: list[str], precision: str, args, start: int = 256) -> int:
+    """The largest power-of-two batch in [start, args.max_batch] at which two training steps of every one of
+    `impls` fit in GPU memory (0 when `start` does not). One process: the first implementation doubles from
+    `start`; each later one starts at the batch found so far and halves until it fits."""
+    import gc
+
+    import torch
+    from miniclip.config import load_model_config
+    config, device = load_model_config(args.config), torch.device(args.device)
+
+    def fits(impl: str, batch: int) -> bool:
+        step = None
+        try:
+            step, _ = make_step(impl, precision, config, batch, device)
+            step(), step()
+            torch.cuda.synchronize()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del step
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    best, batch = 0, start
+    while batch <= args.max_batch and fits(impls[0], batch):
+        best, batch = batch, batch * 2
+    for impl in impls[1:]:
+        while best >= start and not fits(impl, best):
+            best //= 2
+    print(f"  largest batch that fits {', '.join(impls)}: {best if best >= start else 0}", file=sys.stderr)
+    return best if best >= start else 0
 
 
 def matmul_peak(precision: str, threads: int, device: str) -> float:
@@ -200,45 +271,88 @@ def matmul_peak(precision: str, threads: int, device: str) -> float:
 
 def measure_all(args, script=Path(__file__)) -> dict:
     impls = list(args.impls) + (list(ABLATIONS) if args.ablations else [])
+    if args.batch == "max":  # the largest power of two every (bare-step) implementation fits, probed first
+        bare = [i for i in impls if i != "miniclip+trainer"]
+        probe = ["--probe-batch", args.precisions[0], "--config", args.config, "--device", args.device,
+                 "--max-batch", str(args.max_batch), "--threads", str(args.threads), "--impls", *bare]
+        args.batch = run_worker(script, probe, args.threads)["batch"]
+        args.batch_probed = True
+        print(f"largest batch that fits every implementation: {args.batch}", flush=True)
+        if not args.batch:
+            raise SystemExit("train_speed: not even a batch of 256 fits on this GPU; pass --batch N")
     jobs = [(impl, precision) for precision in args.precisions for impl in impls]
     common = ["--config", args.config, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--threads", str(args.threads), "--device", args.device]
 
     def measure(job, rep):
         extra = ["--count-flops"] if rep == 0 else []
-        return run_worker(script, ["--worker", *job, *common, *extra], args.threads)
+        return try_worker(script, ["--worker", *job, *common, *extra], args.threads)
     results = interleave(jobs, args.reps, measure)
-    peaks = {p: run_worker(script, ["--peak", p, *common], args.threads)["flops"] for p in args.precisions}
-    return {"results": results, "peaks": peaks}
+    peak_runs = {p: run_worker(script, ["--peak", p, *common], args.threads) for p in args.precisions}
+    peaks = {p: r["flops"] for p, r in peak_runs.items()}
+    return {"results": results, "peaks": peaks, "device_name": next(iter(peak_runs.values()))["name"]}
+
+
+def summary(measured: dict, args) -> list[dict]:
+    """One dict per (precision, implementation): medians, ratios to miniclip, MFU against the measured matmul peak
+    and (bf16 on a listed GPU) against the datasheet peak."""
+    results, peaks = measured["results"], measured["peaks"]
+    sheet = datasheet_peak(measured.get("device_name") or "") if args.device == "cuda" else None
+    rows = []
+    for (impl, precision), runs in results.items():
+        ours = results.get(("miniclip", precision), [])
+        speed, mem, gflop = median(runs, "samples_per_s"), median(runs, "peak_mb"), median(runs, "gflop_per_sample")
+        our_speed, our_mem = median(ours, "samples_per_s"), median(ours, "peak_mb")
+        flops = speed * gflop * 1e9 if speed and gflop else None
+        rows.append({
+            "precision": precision, "impl": impl, "samples_per_s": speed, "range": spread(runs, "samples_per_s"),
+            "speedup": our_speed / speed if our_speed and speed else None, "peak_mb": mem,
+            "memory_ratio": our_mem / mem if our_mem and mem else None, "gflop_per_sample": gflop,
+            "mfu_measured": 100 * flops / peaks[precision] if flops else None,
+            "mfu_datasheet": 100 * flops / (sheet[0] * 1e12) if flops and sheet and precision == "bf16" else None,
+            "warmup_s": median(runs, "warmup_s"), "error": next((r["error"] for r in runs if "error" in r), None),
+            "batch": args.batch, "config": args.config})
+    return rows
 
 
 def table(measured: dict, args) -> str:
-    results, peaks = measured["results"], measured["peaks"]
+    peaks = measured["peaks"]
+    sheet = datasheet_peak(measured.get("device_name") or "") if args.device == "cuda" else None
     rows = []
-    for precision in args.precisions:
-        impls = [i for (i, p) in results if p == precision]
-        ours = results.get(("miniclip", precision))
-        for impl in impls:
-            runs = results[(impl, precision)]
-            speed, mem = median(runs, "samples_per_s"), median(runs, "peak_mb")
-            gflop = median(runs, "gflop_per_sample")
-            mfu = speed * gflop * 1e9 / peaks[precision] * 100 if gflop else None
-            rows.append([precision, impl, fmt(speed), spread(runs, "samples_per_s"),
-                         f"{median(ours, 'samples_per_s') / speed:.2f}x" if ours else "-", fmt(mem, 0),
-                         f"{median(ours, 'peak_mb') / mem:.2f}" if ours else "-", f"{gflop:.3g}" if gflop else "-", fmt(mfu, 1),
-                         fmt(median(runs, "warmup_s"), 1)])
+    for r in summary(measured, args):
+        ratio = (lambda v: f"{v:.2f}x" if v else "-")
+        speed = fmt(r["samples_per_s"]) if r["samples_per_s"] else f"failed: {r['error']}"
+        rows.append([r["precision"], r["impl"], speed, r["range"], ratio(r["speedup"]), fmt(r["peak_mb"], 0),
+                     fmt(r["memory_ratio"]), f"{r['gflop_per_sample']:.3g}" if r["gflop_per_sample"] else "-",
+                     fmt(r["mfu_measured"], 1), fmt(r["mfu_datasheet"], 1), fmt(r["warmup_s"], 1)])
     mem_kind = "CUDA max allocated" if args.device == "cuda" else "peak RSS of the process"
-    head = (f"Training, {args.config}, batch {args.batch}, {args.device}, {args.threads} threads, median of "
+    batch = f"batch {args.batch}" + (" (the largest power of two that fits every implementation)"
+                                     if getattr(args, "batch_probed", False) else "")
+    sheet_text = (f" Datasheet dense bf16 peak ({sheet[1]}): {sheet[0]:.0f} TFLOP/s." if sheet else
+                  " Datasheet peak: this GPU is not in DATASHEET_BF16_TFLOPS." if args.device == "cuda" else "")
+    head = (f"Training, {args.config}, {batch}, {args.device}, {args.threads} threads, median of "
             f"{args.reps} runs x {args.steps} steps. Matmul peak measured: " +
-            ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + f". Memory: {mem_kind}.\n\n")
+            ", ".join(f"{p} {v / 1e12:.1f} TFLOP/s" for p, v in peaks.items()) + f".{sheet_text} "
+            f"Memory: {mem_kind}. MFU = samples/s x the implementation's own FLOPs per sample / peak.\n\n")
     return head + markdown_table(
         ["precision", "implementation", "samples/s", "range", "miniclip / this", "peak MB", "miniclip / this",
-         "GFLOP/sample", "MFU %", "warm-up s"], rows)
+         "GFLOP/sample", "MFU % (measured peak)", "MFU % (datasheet)", "warm-up s"], rows)
+
+
+def _batch(value: str):
+    if value == "max":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {value!r}: give a number of samples or 'max'") from None
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="TinyCLIP-ViT-40M-32-Text-19M")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=_batch, default=16, help="samples per step, or 'max' (GPU only): the largest "
+                   "power of two from 256 up to --max-batch at which every implementation fits, probed first")
+    p.add_argument("--max-batch", type=int, default=8192, help="upper end of the --batch max search")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--reps", type=int, default=3, help="repetitions (fresh processes), interleaved")
@@ -250,20 +364,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablations", action="store_true", help=f"also run {ABLATIONS}")
 
 
-def _peak_flag(p: argparse.ArgumentParser):
-    """--peak PRECISION: print the measured matmul rate (run_all and the MFU column use it)."""
+def _helper_flags(p: argparse.ArgumentParser):
+    """Hidden one-shot modes run in fresh processes by measure_all: --peak PRECISION (measured matmul rate),
+    --probe-batch PRECISION (largest batch that fits)."""
     p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peak", metavar="PRECISION", help=argparse.SUPPRESS)
+    p.add_argument("--probe-batch", metavar="PRECISION", help=argparse.SUPPRESS)
 
     def handle(args) -> bool:
+        if args.batch == "max" and args.device != "cuda":
+            raise SystemExit("train_speed: --batch max needs --device cuda (it probes GPU memory)")
         if args.peak:
-            print(json.dumps({"flops": matmul_peak(args.peak, args.threads, args.device)}))
-        return bool(args.peak)
+            import torch
+            on_gpu = args.device == "cuda" and torch.cuda.is_available()
+            print(json.dumps({"flops": matmul_peak(args.peak, args.threads, args.device),
+                              "name": torch.cuda.get_device_name() if on_gpu else "cpu"}))
+        elif args.probe_batch:
+            print(json.dumps({"batch": largest_batch(args.impls, args.probe_batch, args)}))
+        return bool(args.peak or args.probe_batch)
     return handle
 
 
 def main():
-    bench_main(__doc__, add_args, worker, measure_all, table, ("IMPL", "PRECISION"), extra=_peak_flag)
+    bench_main(__doc__, add_args, worker, measure_all, table, ("IMPL", "PRECISION"), extra=_helper_flags,
+               summary=summary)
 
 if __name__ == "__main__":
     main()

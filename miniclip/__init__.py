@@ -1,4 +1,7 @@
-"""miniclip: a small, readable CLIP trainer on the Hugging Face Trainer."""
+"""miniclip: a small, readable CLIP trainer on the Hugging Face Trainer. The CLIP itself lives at this level
+(config, model, attention, tokenizer, transforms, loss, distributed); checkpoints/, data/, training/, evaluation/
+and apps/ each hold one concern.
+"""
 from miniclip.config import ClipConfig, TextConfig, VisionConfig, list_model_configs, load_model_config
 from miniclip.model import ClipOutput, MiniClip
 from miniclip.tokenizer import get_tokenizer

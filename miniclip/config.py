@@ -1,8 +1,10 @@
 """Typed model configuration: `model_configs/<name>.json` (open_clip's embed_dim / vision_cfg / text_cfg shape)
--> frozen-by-convention dataclasses that reject unknown keys and check invariants.
+-> dataclasses that reject unknown keys and check invariants, and `check_literal`, the one check of a `Literal` choice.
 
-Leaves out on purpose: timm / HF-hub towers, attentional poolers and the other open_clip research options;
-a config here describes exactly the towers `MiniClip` can build.
+Towers: open_clip's ViT / ModifiedResNet / causal text transformer, Chinese-CLIP's BERT, or any timm image model and
+any transformers text model (open_clip's TimmModel / HFTextEncoder, option names as open_clip's). Leaves out on
+purpose: attentional poolers and the other open_clip research options; a config describes exactly what `MiniClip`
+can build.
 """
 from __future__ import annotations
 
@@ -13,15 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-# Installed without the repository (pip install .): configs are looked up here as well.
-PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+from miniclip.files import read_mapping_file
 
-TextTower = Literal["transformer", "bert"]
+# The configs ship inside the package (pip install ., wheels); the checkout's top-level model_configs/ links here.
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = PACKAGE_CONFIG_DIR
+
+# Text lengths the published towers were trained with: CLIP's BPE (Radford et al. 2021) and Chinese-CLIP's BERT
+# (Yang et al. 2022; BERT itself would allow max_position_embeddings).
+CLIP_CONTEXT_LENGTH = 77
+CHINESE_CLIP_CONTEXT_LENGTH = 52
+
+TextTower = Literal["transformer", "bert", "hf"]
 ResizeMode = Literal["shortest", "squash"]
+# open_clip's TimmModel options: timm's global pools (or an attention pool), and the projection after the trunk.
+TimmPool = Literal["", "avg", "max", "avgmax", "catavgmax", "token", "map", "abs_attn", "rot_attn"]
+TimmProj = Literal["linear", "mlp", "none", ""]
+# open_clip's HFTextEncoder poolers (plus the last-token pooler of causal models) and projections.
+HfPooler = Literal["cls_pooler", "cls_last_hidden_state_pooler", "mean_pooler", "eot_pooler"]
+HfProj = Literal["linear", "mlp"]
 
 
 def check_literal(value: Any, literal: Any, what: str) -> None:
+    """Raise ValueError naming `what` unless `value` is one of the options of the `Literal` type `literal`."""
     options = get_args(literal)
     if value not in options:
         raise ValueError(f"{what}={value!r} is not one of {list(options)}")
@@ -47,10 +63,24 @@ class VisionConfig:
     patch_size: int | None = 16
     head_width: int = 64
     mlp_ratio: float = 4.0
+    # A timm image tower (open_clip's TimmModel) instead of the ViT / ResNet above, with open_clip's option names.
+    timm_model_name: str | None = None  # a timm name[.tag], or "local-dir:<folder>" (timm's config.json + weights)
+    timm_model_args: dict | None = None  # timm constructor arguments (depth, img_size...), a config.json's model_args
+    timm_model_pretrained: bool = False  # start from timm's pretrained weights for timm_model_name (hub download)
+    pretrained: str | None = None  # a local timm folder (config.json + model.safetensors) to start the tower from
+    timm_pool: TimmPool = "avg"  # "" keeps the model's own pooling (a ViT's class token)
+    timm_proj: TimmProj = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0
+    timm_drop_path: float | None = None
+
+    @property
+    def is_timm(self) -> bool:
+        return self.timm_model_name is not None
 
     @property
     def is_resnet(self) -> bool:
-        return isinstance(self.layers, list)
+        return isinstance(self.layers, list) and not self.is_timm
 
     @property
     def heads(self) -> int:
@@ -60,6 +90,8 @@ class VisionConfig:
     def __post_init__(self):
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if self.is_timm or self.pretrained is not None:
+            return self._check_timm()
         if self.is_resnet:
             if len(self.layers) != 4 or not all(isinstance(n, int) and n > 0 for n in self.layers):
                 raise ValueError(f"vision_cfg.layers={self.layers}: a ResNet needs 4 positive stage depths, e.g. [3, 4, 6, 3]")
@@ -77,12 +109,27 @@ class VisionConfig:
         if self.width % self.head_width:
             raise ValueError(f"vision_cfg: width={self.width} is not divisible by head_width={self.head_width}")
 
+    def _check_timm(self):
+        check_literal(self.timm_pool, TimmPool, "vision_cfg.timm_pool")
+        check_literal(self.timm_proj, TimmProj, "vision_cfg.timm_proj")
+        if not self.timm_model_name:
+            raise ValueError("vision_cfg.pretrained is a timm tower's weights: set vision_cfg.timm_model_name too")
+        if self.pretrained is not None and not (Path(self.pretrained) / "config.json").is_file():
+            raise ValueError(f"vision_cfg.pretrained={self.pretrained!r}: no timm folder there ({self.pretrained}/"
+                             "config.json not found). Fix: download it (huggingface-cli download timm/<name> "
+                             "--local-dir <folder>) or save one with timm.models.save_for_hf(model, <folder>)")
+        if self.timm_model_pretrained and (self.pretrained is not None or self.timm_model_args):
+            raise ValueError("vision_cfg.timm_model_pretrained downloads timm's weights for timm_model_name alone; "
+                             "with pretrained / timm_model_args, leave it false (pretrained holds the weights)")
+        if self.image_size <= 0:
+            raise ValueError(f"vision_cfg.image_size={self.image_size} must be positive")
+
 
 @dataclass
 class TextConfig:
     """Text tower: open_clip's causal transformer (CLIP BPE, EOT pooling) or a BERT encoder ([CLS] pooling)."""
     tower: TextTower = "transformer"
-    context_length: int = 77
+    context_length: int = CLIP_CONTEXT_LENGTH
     vocab_size: int = 49408
     width: int = 512
     heads: int = 8
@@ -94,9 +141,26 @@ class TextConfig:
     type_vocab_size: int = 2
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
+    # A transformers text tower (open_clip's HFTextEncoder; tower "hf"), with open_clip's option names.
+    hf_model_name: str | None = None  # a local folder or hub id of an encoder (BERT, RoBERTa, XLM-R, ...)
+    hf_model_pretrained: bool = True  # start from its weights (False: random init, or a checkpoint fills them)
+    hf_pooler_type: HfPooler = "mean_pooler"
+    hf_proj_type: HfProj | None = "mlp"  # None: no projection (the model width must equal embed_dim)
+    hf_config: dict | None = None  # the model's own config.json content; saved checkpoints carry it (no folder needed)
 
     def __post_init__(self):
+        if self.hf_model_name is not None and self.tower == "transformer":
+            self.tower = "hf"  # hf_model_name names the tower, as in open_clip configs
         check_literal(self.tower, TextTower, "text_cfg.tower")
+        if self.tower == "hf":
+            check_literal(self.hf_pooler_type, HfPooler, "text_cfg.hf_pooler_type")
+            if self.hf_proj_type is not None:
+                check_literal(self.hf_proj_type, HfProj, "text_cfg.hf_proj_type")
+            if not self.hf_model_name:
+                raise ValueError("text_cfg.tower='hf' needs text_cfg.hf_model_name (a local folder or hub id)")
+            if self.context_length <= 0:
+                raise ValueError(f"text_cfg.context_length={self.context_length} must be positive")
+            return
         if self.width % self.heads:
             raise ValueError(f"text_cfg: width={self.width} is not divisible by heads={self.heads}")
         for name in ("context_length", "vocab_size", "width", "heads", "layers"):
@@ -126,6 +190,10 @@ class PreprocessConfig:
 
 @dataclass
 class ClipConfig:
+    """A whole CLIP's architecture: the shared embedding width `embed_dim`, the two towers, the activation, how
+    images are preprocessed, and the initial temperature (and bias, for the sigmoid loss). Built from
+    `model_configs/<name>.json` by `load_model_config`; unknown keys are errors. Leaves out on purpose: training
+    settings (training/arguments.py) and anything a checkpoint stores as weights."""
     embed_dim: int
     vision_cfg: VisionConfig
     text_cfg: TextConfig
@@ -145,6 +213,7 @@ class ClipConfig:
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in data]
         if missing:
             raise ValueError(f"{where} is missing required key(s) {missing}")
+        data = _tower_defaults(data, where)
         data["vision_cfg"] = _from_dict(VisionConfig, data["vision_cfg"], f"{where}: vision_cfg")
         data["text_cfg"] = _from_dict(TextConfig, data["text_cfg"], f"{where}: text_cfg")
         data["preprocess_cfg"] = _from_dict(PreprocessConfig, data.get("preprocess_cfg", {}), f"{where}: preprocess_cfg")
@@ -169,8 +238,75 @@ class ClipConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
+def _tower_defaults(data: dict, where: str) -> dict:
+    """What a timm / transformers tower says itself when the config leaves it out: the image size and mean / std
+    from the timm model's pretrained config, the context length from the text model's tokenizer."""
+    vision, text = data.get("vision_cfg"), data.get("text_cfg")
+    if isinstance(vision, dict) and vision.get("timm_model_name"):
+        pre = dict(data.get("preprocess_cfg") or {})
+        if "image_size" not in vision or not {"mean", "std"} <= set(pre):
+            size, mean, std = timm_data_config(vision, where)
+            data = {**data, "vision_cfg": {"image_size": size, **vision}, "preprocess_cfg": {"mean": mean, "std": std,
+                                                                                            **pre}}
+    if isinstance(text, dict) and text.get("hf_model_name") and "context_length" not in text:
+        data = {**data, "text_cfg": {**text, "context_length": hf_context_length(text, where)}}
+    return data
+
+
+def timm_data_config(vision: dict, where: str = "vision_cfg") -> tuple[int, list, list]:
+    """(input size, mean, std) of a timm tower: its folder's config.json (pretrained / local-dir:), else timm's
+    registry (the pretrained tag's config), the size overridden by timm_model_args' img_size."""
+    name, folder = vision["timm_model_name"], vision.get("pretrained")
+    if name.startswith("local-dir:"):
+        folder = name[len("local-dir:"):]
+    if folder is not None:
+        key = "pretrained" if vision.get("pretrained") else "timm_model_name"
+        cfg = read_timm_folder_config(folder, f"{where}: vision_cfg.{key}")["pretrained_cfg"]
+    else:
+        import timm
+        found = timm.models.get_pretrained_cfg(name.removeprefix("timm/"), allow_unregistered=True)
+        if found is None:
+            raise ValueError(f"{where}: timm_model_name={name!r} is not a timm model. Fix: a name from "
+                             "timm.list_models() (optionally .tag), or local-dir:<folder>")
+        cfg = found.to_dict()
+    size = (vision.get("timm_model_args") or {}).get("img_size") or cfg["input_size"][-1]
+    size = size[-1] if isinstance(size, (list, tuple)) else size
+    return int(size), list(cfg.get("mean", (0.485, 0.456, 0.406))), list(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def read_timm_folder_config(folder: str | Path, where: str = "vision_cfg") -> dict:
+    """A timm folder's config.json (architecture, model_args, pretrained_cfg), as timm.models.save_for_hf writes it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{where}: timm folder {folder} not found ({path} is missing). Fix: download the model "
+                         "(huggingface-cli download timm/<name> --local-dir <folder>) or save one with "
+                         "timm.models.save_for_hf(model, <folder>), and point the config at it")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def hf_context_length(text: dict, where: str = "text_cfg") -> int:
+    """The tokenizer's model_max_length, capped by the model's max_position_embeddings."""
+    from transformers import AutoConfig
+    name = text["hf_model_name"]
+    limit = (text.get("hf_config") or {}).get("max_position_embeddings")
+    try:
+        from transformers import AutoTokenizer
+        tokenizer_limit = AutoTokenizer.from_pretrained(name).model_max_length
+        limit = limit or getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+    except OSError as e:
+        raise ValueError(f"{where}: hf_model_name={name!r} cannot be loaded ({str(e).splitlines()[0]}). " +
+                         HF_FIX) from None
+    lengths = [n for n in (tokenizer_limit, limit) if n and n < 1_000_000]  # huge = "no limit" in transformers
+    return min(lengths) if lengths else 512
+
+
+HF_FIX = ("Fix: point it at a local folder holding config.json and the tokenizer files (model.save_pretrained / "
+          "tokenizer.save_pretrained write them; huggingface-cli download <id> --local-dir <folder> fetches them), "
+          "or a hub id with network access (HF_HUB_OFFLINE=1 needs it in the cache)")
+
+
 def _config_dirs() -> list[Path]:
-    return [d for d in (CONFIG_DIR, PACKAGE_CONFIG_DIR) if d.is_dir()]
+    return [d for d in (PACKAGE_CONFIG_DIR,) if d.is_dir()]
 
 
 def list_model_configs() -> list[str]:
@@ -191,11 +327,7 @@ def load_model_config(name_or_path: str | Path | dict | ClipConfig) -> ClipConfi
         if path is None:
             raise ValueError(f"unknown model config {str(name_or_path)!r}: not a JSON file and not a known name. "
                              f"Available model configs: {', '.join(list_model_configs())}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
-    config = ClipConfig.from_dict(data, where=str(path))
+    config = ClipConfig.from_dict(read_mapping_file(path, "model config"), where=str(path))
     if config.name is None:
         config.name = path.stem
     return config

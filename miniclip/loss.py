@@ -7,11 +7,16 @@ not t: `MiniClip.forward` already returns exp).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miniclip.config import check_literal
 from miniclip.distributed import all_gather_features, rank, world_size
+
+LossKind = Literal["clip", "siglip"]  # symmetric cross-entropy (CLIP) or pairwise sigmoid (SigLIP)
 
 
 class ClipLoss(nn.Module):
@@ -91,10 +96,9 @@ class SigLipLoss(nn.Module):
         return loss
 
 
-def build_loss(kind: str, local_loss: bool = False, gather_with_grad: bool = True) -> nn.Module:
+def build_loss(kind: LossKind, local_loss: bool = False, gather_with_grad: bool = True) -> nn.Module:
     """"clip" -> ClipLoss, "siglip" -> SigLipLoss (which always gathers with gradients)."""
-    if kind == "clip":
-        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+    check_literal(kind, LossKind, "loss")
     if kind == "siglip":
         return SigLipLoss()
-    raise ValueError(f"loss={kind!r} is not one of ['clip', 'siglip']")
+    return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)

@@ -1,7 +1,8 @@
 """MiniClip, the CLIP model: an image encoder, a text encoder and a learnable temperature, wired from a `ClipConfig`.
 
-The towers are open_clip's own modules (ViT, ModifiedResNet, causal text transformer) and transformers' BertModel
-(Chinese-CLIP); this file only wires them together. Leaves out on purpose: the loss (loss.py), reading and writing
+The towers are open_clip's own modules (ViT, ModifiedResNet, causal text transformer, and TimmModel / HFTextEncoder
+for any timm / transformers model: towers.py) and transformers' BertModel (Chinese-CLIP); this file only wires them
+together. Leaves out on purpose: the loss (loss.py), reading and writing
 checkpoints (checkpoints/), and training-time choices such as locking schedules (training/).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import lock_text_tower
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -18,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from miniclip.config import ClipConfig, load_model_config
 from miniclip.attention import use_fast_attention
+from miniclip.towers import build_hf_text_tower, build_timm_tower, encode_hf_text, lock_hf_text_tower
 
 
 @dataclass
@@ -59,6 +62,9 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, config: ClipConfig):
         super().__init__()
+        if config.vision_cfg.is_timm:
+            self.visual = build_timm_tower(config)
+            return
         cfg = config.open_clip_cfg()["vision_cfg"]
         self.visual = _build_vision_tower(config.embed_dim, cfg, quick_gelu=config.quick_gelu)
 
@@ -102,8 +108,9 @@ class BertTextEncoder(nn.Module):
             self.text_projection.requires_grad = True
 
     def set_grad_checkpointing(self, enable: bool = True):
-        if enable:
-            self.bert.gradient_checkpointing_enable({"use_reentrant": False})
+        if enable:  # transformers 5 renamed gradient_ to activation_checkpointing_enable
+            (getattr(self.bert, "activation_checkpointing_enable", None) or self.bert.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         else:
             self.bert.gradient_checkpointing_disable()
 
@@ -125,11 +132,13 @@ class MiniClip(nn.Module):
         self.image_encoder = ImageEncoder(config)
         if config.text_cfg.tower == "bert":
             self.text_encoder = BertTextEncoder(config)
+        elif config.text_cfg.tower == "hf":
+            self.text_encoder = build_hf_text_tower(config)
         else:
             self.text_encoder = build_text_transformer(config)
         self.logit_scale = LogitScale(config.init_logit_scale)
         self.logit_bias = LogitBias(config.init_logit_bias) if config.init_logit_bias is not None else None
-        # Same weights and math as open_clip's blocks, attention computed batch-first (fast.py; tests/test_fast.py).
+        # Same weights and math as open_clip's blocks, attention computed batch-first (attention.py).
         use_fast_attention(self)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -140,6 +149,8 @@ class MiniClip(nn.Module):
                     normalize: bool = False) -> torch.Tensor:
         if isinstance(self.text_encoder, BertTextEncoder):
             text_embeds = self.text_encoder(input_ids, attention_mask)
+        elif self.config.text_cfg.tower == "hf":
+            text_embeds = encode_hf_text(self.text_encoder, input_ids, attention_mask)
         else:
             text_embeds = self._encode_causal_text(input_ids)
         return F.normalize(text_embeds, dim=-1) if normalize else text_embeds  # (B, D)
@@ -177,13 +188,41 @@ class MiniClip(nn.Module):
     def lock_text_tower(self, unlocked_layers: int = 0):
         if isinstance(self.text_encoder, BertTextEncoder):
             self.text_encoder.lock(unlocked_layers)
+        elif self.config.text_cfg.tower == "hf":
+            lock_hf_text_tower(self.text_encoder, unlocked_layers)
         else:
             lock_text_tower(self.text_encoder, unlocked_layers)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Called by the HF Trainer when `--gradient_checkpointing` is set."""
-        self.image_encoder.visual.set_grad_checkpointing(True)
-        self.text_encoder.set_grad_checkpointing(True)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """Called by the HF Trainer when `--gradient_checkpointing` is set: transformer blocks recompute their
+        activations in backward. A tower without it is refused by name; a trainable ModifiedResNet too: open_clip
+        gives it none (its set_grad_checkpointing does nothing), and recomputing BatchNorm in train mode would
+        update the running statistics twice per step."""
+        if every_n_layers != 1 or offload:
+            raise ValueError("gradient_checkpointing: MiniClip recomputes every block, on the device; every_n_layers "
+                             f"={every_n_layers} / offload={offload} are not supported. Fix: leave them unset.")
+        visual = self.image_encoder.visual
+        if isinstance(visual, ModifiedResNet) and any(p.requires_grad for p in visual.parameters()):
+            raise ValueError(
+                "gradient_checkpointing: the image tower (open_clip ModifiedResNet) has no gradient checkpointing; "
+                "recomputing its BatchNorm layers would count their running statistics twice. Fix: train without "
+                "--gradient_checkpointing, or lock the image tower (--lock_image), which then saves no activations.")
+        try:  # a timm trunk directly: open_clip's TimmModel would only log a warning when the model cannot
+            (visual.trunk if self.config.vision_cfg.is_timm else visual).set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as e:
+            raise ValueError(f"gradient checkpointing is not supported by the image tower "
+                             f"{self.config.vision_cfg.timm_model_name or type(visual).__name__}: {e!r}") from None
+        if self.config.text_cfg.tower == "hf":
+            text = self.text_encoder.transformer  # transformers 5 renamed gradient_ to activation_checkpointing_enable
+            (getattr(text, "activation_checkpointing_enable", None) or text.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
+        else:
+            self.text_encoder.set_grad_checkpointing(True)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of activation_checkpointing_enable (transformers < 5 calls this one)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -35,14 +35,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageDecodeError(ValueError):
-    """An image file that cannot be opened or decoded; the message names the file (and the caller adds the entry)."""
+    """An image file that cannot be opened or decoded; the message names the file (callers add the entry).
+    `reason` is what the decoder said."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open, decode and convert to RGB; an unreadable file raises ImageDecodeError naming it. With `draft_size`, a
     JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (PIL
     `Image.draft`), never below `draft_size` on either side: several times cheaper than a full decode, and the
-    following bicubic resize gives nearly the same pixels (tests/test_data.py bounds the difference)."""
+    following bicubic resize gives nearly the same pixels (tests/test_dataset.py bounds the difference)."""
     try:
         with Image.open(path) as image:
             if draft_size and image.format == "JPEG":
@@ -50,7 +55,8 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
             image = to_rgb(image)
             image.load()  # decode now, while the file is open (to_rgb returns RGB images unchanged, still lazy)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise ImageDecodeError(f"cannot read image {path}: {reason}", reason) from None
     return image
 
 

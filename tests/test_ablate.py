@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from miniclip import ablate
+from miniclip.apps import ablate
 from miniclip.apps.ablation_report import aggregate, best_variants, markdown_table
 from miniclip.data.synthetic import SyntheticSpec, ensure_synthetic
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import miniclip.checkpoints as checkpoints
+import miniclip.checkpoints.loading as checkpoints
 from miniclip.checkpoints import CheckpointError, load_pretrained
 from miniclip.config import ClipConfig
 
@@ -253,8 +253,12 @@ def test_the_payload_is_live_when_unsafe_loading_is_allowed(tmp_path):
 
 
 def test_unsafe_pickle_of_a_real_checkpoint_loads_when_allowed(tmp_path, base_state):
-    from argparse import Namespace  # training scripts pickle their args next to the weights
+    from argparse import Namespace  # training scripts pickle their args next to the weights: allowed (io.py)
+    from fractions import Fraction  # harmless, but not on the allow-list: like any other class, refused
     torch.save({"state_dict": base_state, "args": Namespace(lr=0.1)}, tmp_path / "with_args.pt")
+    assert torch.equal(load_pretrained(tmp_path / "with_args.pt", config=MICRO).text_encoder.token_embedding.weight,
+                       base_state["token_embedding.weight"])
+    torch.save({"state_dict": base_state, "args": Namespace(lr=Fraction(1, 10))}, tmp_path / "with_args.pt")
     with pytest.raises(CheckpointError, match="allow_unsafe_pickle=True"):
         load_pretrained(tmp_path / "with_args.pt", config=MICRO)
     model = load_pretrained(tmp_path / "with_args.pt", config=MICRO, allow_unsafe_pickle=True)

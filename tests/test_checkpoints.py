@@ -1,4 +1,4 @@
-"""checkpoints.py / layouts.py / infer.py / resize.py: every layout saved the way its own project saves it, loaded
+"""checkpoints/ (loading.py, layouts.py, architecture.py, resize.py): every layout saved the way its own project saves it, loaded
 with miniclip (given config and config=None), embeddings compared with the reference library's."""
 import json
 
@@ -69,14 +69,15 @@ def test_save_pretrained_function_and_tokenizer_argument(tmp_path):
 
 
 def test_trainer_output_without_config_is_inferred(tmp_path):
-    """The tutorial's Trainer writes model.safetensors with MiniClip's names and no config: shapes decide."""
+    """The tutorial's Trainer writes model.safetensors with MiniClip's names and no config: shapes decide, and the
+    activation is the tutorial's QuickGELU (test_run_checkpoints.py checks its embeddings)."""
     model = _random_model("tiny-vit")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "training_args.bin").write_bytes(b"not read")
     loaded = load_pretrained(tmp_path)
     _assert_same_model(model, loaded)
     assert loaded.config.vision_cfg.head_width == 32  # taken from the shipped tiny-vit config of the same shapes
-    assert loaded.load_info["layout"] == "miniclip"
+    assert loaded.load_info.layout == "tutorial" and loaded.config.quick_gelu is True
 
 
 # --- open_clip family: TinyCLIP, open_clip, OpenAI --------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_tinyclip_release_pt(tmp_path, name, given):
     torch.save({"epoch": 25, "state_dict": {"module." + k: v for k, v in reference.state_dict().items()},
                 "optimizer": optimizer.state_dict()}, file)
     model = load_pretrained(file, config=config if given else None)
-    assert model.load_info["layout"] == "tinyclip" and model.config.quick_gelu is False
+    assert model.load_info.layout == "tinyclip" and model.config.quick_gelu is False
     _assert_matches_open_clip(model, reference, config)
 
 
@@ -146,7 +147,7 @@ def test_open_clip_state_dict_files(tmp_path, name, suffix, caplog):
     _assert_matches_open_clip(load_pretrained(file, config=config), reference, config)
     with caplog.at_level("WARNING"):
         inferred = load_pretrained(file)
-    assert inferred.load_info["layout"] == "open_clip" and inferred.config.quick_gelu is False
+    assert inferred.load_info.layout == "open_clip" and inferred.config.quick_gelu is False
     # a bare state dict does not say which activation it was trained with: the GELU assumption is announced
     assert "assuming GELU" in caplog.text and "quick_gelu" in caplog.text
     if name == "tiny-resnet":  # and a shipped config of the same shapes is named
@@ -206,8 +207,8 @@ def test_openai_torchscript_archive(tmp_path, name, given):
     reference = make_openai_archive(reference, config.vision_cfg.image_size, tmp_path / "ViT-B-32.pt")
     quick = ClipConfig.from_dict({**config.to_dict(), "quick_gelu": True})
     model = load_pretrained(tmp_path / "ViT-B-32.pt", config=quick if given else None)
-    assert model.load_info["layout"] == "openai" and model.config.quick_gelu is True
-    assert {"input_resolution", "context_length", "vocab_size"} <= set(model.load_info["ignored"])
+    assert model.load_info.layout == "openai" and model.config.quick_gelu is True
+    assert {"input_resolution", "context_length", "vocab_size"} <= set(model.load_info.ignored)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     _assert_matches_open_clip(model, reference, config)
 
@@ -219,7 +220,7 @@ def test_openai_state_dict_with_int_metadata(tmp_path):
     state = dict(reference.state_dict(), input_resolution=64, context_length=77, vocab_size=49408)
     torch.save(state, tmp_path / "openai.pt")
     model = load_pretrained(tmp_path / "openai.pt")
-    assert model.load_info["layout"] == "openai" and model.config.quick_gelu is True
+    assert model.load_info.layout == "openai" and model.config.quick_gelu is True
     _assert_matches_open_clip(model, reference, config)
 
 
@@ -249,8 +250,8 @@ def test_cn_clip_training_checkpoint(tmp_path, name, given):
     torch.save({"epoch": 3, "step": 99, "name": "run", "state_dict": state, "optimizer": optimizer.state_dict()},
                tmp_path / "epoch_latest.pt")
     model = load_pretrained(tmp_path / "epoch_latest.pt", config=config if given else None)
-    assert model.load_info["layout"] == "cn_clip"
-    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(model.load_info["ignored"])
+    assert model.load_info.layout == "cn_clip"
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(model.load_info.ignored)
     assert model.config.quick_gelu and model.config.text_cfg.context_length == 52
     assert model.config.preprocess_cfg.resize_mode == "squash"
     pixel_values, input_ids = _inputs(config)
@@ -270,7 +271,7 @@ def test_vit_resize_equals_open_clip_resize(tmp_path, image_size):
     torch.save(reference.state_dict(), tmp_path / "w.pt")
     model = load_pretrained(tmp_path / "w.pt", config=config, image_size=image_size)
     assert model.config.vision_cfg.image_size == image_size
-    assert model.load_info["resized"] == [f"image position grid 4x4 -> {image_size // 16}x{image_size // 16} "
+    assert model.load_info.resized == [f"image position grid 4x4 -> {image_size // 16}x{image_size // 16} "
                                           f"(image_size {image_size})"]
     resized_config = ClipConfig.from_dict({**config.to_dict(), "vision_cfg": {**config.to_dict()["vision_cfg"],
                                                                                "image_size": image_size}})

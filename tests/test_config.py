@@ -44,7 +44,7 @@ def _tiny(**overrides):
     ({"vision_cfg.layers": [1, 2, 3]}, r"a ResNet needs 4 positive stage depths"),
     ({"vision_cfg.layers": [1, 1, 0, 1]}, r"a ResNet needs 4 positive stage depths"),
     ({"vision_cfg.layers": 0}, r"must be a positive int"),
-    ({"text_cfg.tower": "roberta"}, r"text_cfg.tower='roberta' is not one of \['transformer', 'bert'\]"),
+    ({"text_cfg.tower": "roberta"}, r"text_cfg.tower='roberta' is not one of \['transformer', 'bert', 'hf'\]"),
     ({"preprocess_cfg.resize_mode": "crop"}, r"resize_mode='crop' is not one of"),
     ({"embed_dim": 0}, r"embed_dim=0 must be positive"),
     ({"text_cfg.context_length": 600, "text_cfg.tower": "bert"}, r"exceeds max_position_embeddings=512"),

@@ -1,6 +1,7 @@
 """The search demo without a browser: image set reading, index build / cache / invalidation, exact top-k against a
 hand-computed ranking, the text and image searches against the model's own embeddings, and bad input."""
 import json
+import re
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 from miniclip.checkpoints import save_pretrained
 from miniclip.apps.demo import MAX_QUERY_CHARS, DemoArguments, Searcher, index_summary
 from miniclip.model import MiniClip
+from miniclip.evaluation.encode import Encoder
 from miniclip.apps.search_index import SearchIndex, build_index, read_image_set
 from miniclip.tokenizer import get_tokenizer
 from miniclip.transforms import image_transform
@@ -81,11 +83,15 @@ def test_image_folder(tmp_path, caption_file):
         read_image_set(tmp_path / "empty")
 
 
+def encoder_for(model):
+    return Encoder(model, image_transform(model.config), get_tokenizer(model.config), progress=False)
+
+
 # --- index ----------------------------------------------------------------------------------------------------------
 def test_index_equals_direct_model_embeddings(caption_file):
     model = tiny_model()
     image_set = read_image_set(caption_file)
-    index = build_index(model, image_set, image_transform(model.config), cache_dir=None, progress=False)
+    index = build_index(encoder_for(model), image_set, None)
     assert index.images == image_set.images and not index.from_cache
     torch.testing.assert_close(index.image_embeds, reference_image_embeds(model, image_set.images), atol=1e-5, rtol=0)
     torch.testing.assert_close(index.image_embeds.norm(dim=-1), torch.ones(len(COLOURS)))
@@ -94,27 +100,26 @@ def test_index_equals_direct_model_embeddings(caption_file):
 def test_index_cache_reused_and_invalidated(tmp_path, caption_file):
     model, cache = tiny_model(), tmp_path / "cache"
     image_set = read_image_set(caption_file)
-    transform = image_transform(model.config)
-    first = build_index(model, image_set, transform, cache, progress=False)
-    second = build_index(model, image_set, transform, cache, progress=False)
+    first = build_index(encoder_for(model), image_set, cache)
+    second = build_index(encoder_for(model), image_set, cache)
     assert (first.from_cache, second.from_cache) == (False, True)
     assert torch.equal(first.image_embeds, second.image_embeds) and second.images == first.images
     # A touched image file (new mtime) and a different model each get a fresh build.
     stat = image_set.images[2].stat()
     os.utime(image_set.images[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert not build_index(model, image_set, transform, cache, progress=False).from_cache
-    assert not build_index(tiny_model(seed=1), image_set, transform, cache, progress=False).from_cache
-    assert build_index(model, image_set, transform, cache, progress=False).from_cache
-    assert not build_index(model, image_set, transform, cache, rebuild=True, progress=False).from_cache
+    assert not build_index(encoder_for(model), image_set, cache).from_cache
+    assert not build_index(encoder_for(tiny_model(seed=1)), image_set, cache).from_cache
+    assert build_index(encoder_for(model), image_set, cache).from_cache
+    assert not build_index(encoder_for(model), image_set, cache, rebuild=True).from_cache
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path, caption_file):
     model, cache = tiny_model(), tmp_path / "cache"
     image_set = read_image_set(caption_file)
-    first = build_index(model, image_set, image_transform(model.config), cache, progress=False)
+    first = build_index(encoder_for(model), image_set, cache)
     for tensors_file in cache.glob("*.safetensors"):
         tensors_file.write_bytes(b"garbage")
-    again = build_index(model, image_set, image_transform(model.config), cache, progress=False)
+    again = build_index(encoder_for(model), image_set, cache)
     assert not again.from_cache and torch.equal(again.image_embeds, first.image_embeds)
 
 
@@ -124,7 +129,7 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path, caption
     model = tiny_model()
     image_set = read_image_set(caption_file)
     for from_cache in (False, True):
-        index = build_index(model, image_set, image_transform(model.config), tmp_path / "cache", progress=False)
+        index = build_index(encoder_for(model), image_set, tmp_path / "cache")
         assert index.from_cache == from_cache
         assert [p.name for p in index.unreadable] == ["green.png"]
         assert "green.png" not in [p.name for p in index.images] and len(index) == len(COLOURS) - 1
@@ -173,8 +178,8 @@ def test_search_rejects_wrong_dim_and_backend():
 # --- the page's two searches ----------------------------------------------------------------------------------------
 def make_searcher(caption_file, name="tiny-vit") -> Searcher:
     model = tiny_model(name)
-    index = build_index(model, read_image_set(caption_file), image_transform(model.config), None, progress=False)
-    return Searcher(model, get_tokenizer(model.config), index)
+    index = build_index(encoder_for(model), read_image_set(caption_file), None)
+    return Searcher(encoder_for(model), index)
 
 
 @pytest.mark.parametrize("name, query", [("tiny-vit", "a red square"),
@@ -245,11 +250,13 @@ def test_without_gradio_the_command_says_how_to_install_it(monkeypatch, caption_
 
 
 @pytest.mark.parametrize("problem", ["no images", "no checkpoint"])
-def test_bad_data_or_checkpoint_is_a_clear_startup_error(tmp_path, problem):
+def test_bad_data_or_checkpoint_is_a_clear_startup_error(tmp_path, problem, capsys):
     pytest.importorskip("gradio", reason="gradio not installed (pip install -e '.[demo]')")
-    from miniclip.apps.demo import main
+    from miniclip.apps.demo import cli
     checkpoint = save_pretrained(tiny_model(), tmp_path / "ckpt") if problem == "no images" else tmp_path / "nope"
     (tmp_path / "c.json").write_text(json.dumps([{"image": "images/a.jpg", "caption": ["x"]}]))
     expected = r"none of its 1 images exist" if problem == "no images" else r"nope"
-    with pytest.raises(SystemExit, match=rf"^miniclip.apps.demo: .*{expected}"):
-        main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "c.json"), "--no_cache"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "c.json"), "--no_cache"])
+    assert exit_info.value.code == 2  # a user error: one line, no traceback
+    assert re.match(rf"^miniclip-demo: error: .*{expected}", capsys.readouterr().err)

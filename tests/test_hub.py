@@ -108,7 +108,7 @@ def test_tinyclip_name_downloads_the_hub_folder(local_hub, tmp_path, monkeypatch
     folder = tmp_path / "model_hub" / name
     weights = "model.safetensors" if safetensors else "pytorch_model.bin"
     assert (folder / "config.json").is_file() and (folder / weights).is_file()
-    assert model.load_info["layout"] == "hf_clip" and Path(model.load_info["file"]) == folder / weights
+    assert model.load_info.layout == "hf_clip" and Path(model.load_info.file) == folder / weights
     _assert_same_as_hf(model, hf_model)
     # Second time: the files in model_hub/ are used, nothing is requested.
     before = len(local_hub.file_requests())
@@ -124,7 +124,7 @@ def test_chinese_clip_name_downloads_cn_clip_pt(local_hub, tmp_path):
     torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in reference.state_dict().items()}},
                repo / "clip_cn_vit-b-16.pt")
     model = load_pretrained("ChineseCLIP-ViT-B-16")
-    assert model.load_info["layout"] == "cn_clip"
+    assert model.load_info.layout == "cn_clip"
     assert (tmp_path / "model_hub" / "ChineseCLIP-ViT-B-16" / "clip_cn_vit-b-16.pt").is_file()
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_openai_name_downloads_open_clip_hub_copy(local_hub, tmp_path):
     original = MiniClip(config).eval()
     save_pretrained(original, local_hub.repo("timm/vit_base_patch32_clip_224.openai"), format="open_clip")
     model = load_pretrained("OpenAI-ViT-B-32")
-    assert model.load_info["layout"] == "open_clip"
+    assert model.load_info.layout == "open_clip"
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.state_dict().items())
 
 
@@ -192,7 +192,7 @@ def test_hand_placed_release_file_is_used_offline(tmp_path, monkeypatch):
                tmp_path / "model_hub" / name / f"{name}.pt")
     assert resolve(name) == tmp_path / "model_hub" / name / f"{name}.pt"
     model = load_pretrained(name)
-    assert model.load_info["layout"] == "tinyclip" and not model.config.quick_gelu
+    assert model.load_info.layout == "tinyclip" and not model.config.quick_gelu
 
 
 def test_paths_win_and_unknown_names_list_known_ones(tmp_path):

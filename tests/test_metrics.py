@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from miniclip import metrics
+from miniclip.evaluation import metrics
 from miniclip.evaluation.metrics import (first_caption_indices, first_caption_retrieval, per_class_accuracy, retrieval_metrics,
                               zeroshot_metrics)
 

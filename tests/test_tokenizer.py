@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from miniclip.config import load_model_config
-from miniclip.tokenizer import BertWordPieceTokenizer, ClipBpeTokenizer, find_bert_vocab, get_tokenizer
+from miniclip.tokenizer import (CHINESE_BERT_VOCAB, BertWordPieceTokenizer, ClipBpeTokenizer, find_bert_vocab,
+                                get_tokenizer)
 
 EDGE_CASES = [
     "", " ", "a" * 500, "x" * 150, "y" * 250, "中" * 600, "😀🐶🚀", "A dog 在草地上 running！",
@@ -63,8 +65,12 @@ def test_vocab_from_checkpoint_dir_wins(tmp_path):
     assert tok(["Hello world!"])["input_ids"][0, :5].tolist() == [2, 4, 5, 1, 3]
 
 
-def test_missing_vocab_error_says_where_it_looked(tmp_path, monkeypatch):
+def test_shipped_chinese_vocab_is_cn_clips_and_needs_no_cn_clip(tmp_path, monkeypatch):
+    """pip install miniclip is enough for Chinese: the vocab ships with the package, byte for byte Chinese-CLIP's."""
     import builtins
+    cn_clip = pytest.importorskip("cn_clip.clip")
+    reference = Path(cn_clip.__file__).parent / "vocab.txt"
+    assert CHINESE_BERT_VOCAB.read_bytes() == reference.read_bytes()
     real_import = builtins.__import__
 
     def no_cn_clip(name, *args, **kwargs):
@@ -73,5 +79,9 @@ def test_missing_vocab_error_says_where_it_looked(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cn_clip)
-    with pytest.raises(FileNotFoundError, match=rf"looked in: {tmp_path}/vocab.txt; the cn_clip package \(not installed\).*pip install cn_clip"):
+    assert find_bert_vocab(tmp_path) == CHINESE_BERT_VOCAB  # no vocab.txt in tmp_path: the shipped one
+    tokenizer = get_tokenizer(load_model_config("tiny-chinese-vit"))
+    assert tokenizer(["一只狗"])["input_ids"][0, :5].tolist() == [101, 671, 1372, 4318, 102]
+    monkeypatch.setattr("miniclip.tokenizer.CHINESE_BERT_VOCAB", tmp_path / "gone.txt")
+    with pytest.raises(FileNotFoundError, match="no Chinese BERT vocab.txt found.*reinstall miniclip"):
         find_bert_vocab(tmp_path)

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import set_seed
 
-import train
+from miniclip.apps import train  # what train.py runs
 from miniclip.model import MiniClip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ BAD = {  # kind -> the bad entry (appended after 8 good ones, so it is entry 8)
     "empty captions": {"image": "images/0.png", "caption": []},
     "non-list captions": {"image": "images/0.png", "caption": 42},
     "empty caption string": {"image": "images/0.png", "caption": ["  "]},
-    "path escaping the root": {"image": "../outside.png", "caption": ["a caption"]},
+    "path escaping a confined root": {"image": "../outside.png", "caption": ["a caption"]},
     "corrupt image": {"image": "images/corrupt.png", "caption": ["a caption"]},
 }
 
@@ -125,7 +125,8 @@ def _bad_set(root: Path, entries: list) -> Path:
 def test_bad_sample_with_policy_error_names_file_and_entry(tmp_path, kind):
     train_file = _bad_set(tmp_path / "set", [BAD[kind]])
     with pytest.raises(ValueError, match="entry 8") as error:
-        train.main(_flags(tmp_path / "out", train_file=train_file, per_device_train_batch_size=9, max_steps=1))
+        train.main(_flags(tmp_path / "out", train_file=train_file, per_device_train_batch_size=9, max_steps=1,
+                          confine_to_image_root=True))
     where = "corrupt.png" if kind == "corrupt image" else str(train_file)
     assert where in str(error.value)
 
@@ -134,7 +135,7 @@ def test_bad_samples_with_policy_skip_are_dropped_and_counted(tmp_path, caplog):
     train_file = _bad_set(tmp_path / "set", list(BAD.values()))
     caplog.set_level(logging.WARNING)
     # one batch of all 9 usable rows (8 good + the corrupt image), so the corrupt one is decoded and skipped
-    result = train.main(_flags(tmp_path / "out", train_file=train_file, on_bad="skip",
+    result = train.main(_flags(tmp_path / "out", train_file=train_file, on_bad="skip", confine_to_image_root=True,
                                per_device_train_batch_size=9, max_steps=1))
     assert result.trainer.state.global_step == 1
     assert len(result.trainer.train_dataset) == 9

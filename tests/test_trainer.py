@@ -14,6 +14,7 @@ from miniclip.checkpoints.io import CheckpointError
 from miniclip.loss import ClipLoss, SigLipLoss
 from miniclip.model import MiniClip
 from miniclip.tokenizer import get_tokenizer
+from miniclip.training.locking import Locks
 from miniclip.training.trainer import ClipTrainer, ClipTrainingArguments, NonFiniteLossError, decay_parameter_names
 
 
@@ -121,7 +122,7 @@ def test_locked_resnet_tower_and_batchnorm_statistics(tmp_path, freeze_bn_stats)
     model = _model("tiny-resnet")
     model.lock_image_tower(freeze_bn_stats=False)  # the trainer, not FrozenBatchNorm2d, keeps the statistics
     image_before, text_before = _snapshot(model.image_encoder), _snapshot(model.text_encoder)
-    _trainer(model, tmp_path, trainer_kwargs={"freeze_bn_stats": freeze_bn_stats}).train()
+    _trainer(model, tmp_path, trainer_kwargs={"locks": Locks(freeze_bn_stats=freeze_bn_stats)}).train()
     image_after = _snapshot(model.image_encoder)
     params = {n for n, _ in model.image_encoder.named_parameters()}
     assert _same({k: v for k, v in image_after.items() if k in params},
@@ -144,14 +145,14 @@ def test_two_stage_unlocks_at_the_right_step(tmp_path):
     model.lock_image_tower()
     initial = _snapshot(model.image_encoder)
     record = Record(lambda m, s: _same(_snapshot(m.image_encoder), initial), when=("on_step_end",))
-    _trainer(model, tmp_path, callbacks=[record], max_steps=4, trainer_kwargs={"unlock_image_step": 2}).train()
+    _trainer(model, tmp_path, callbacks=[record], max_steps=4, trainer_kwargs={"locks": Locks(unlock_image_step=2)}).train()
     # steps 1 and 2 run locked; the step that starts at global_step 2 (the third) is the first to train it
     assert record.seen == [(1, True), (2, True), (3, False), (4, False)]
 
 
 def test_two_stage_needs_a_locked_tower(tmp_path):
     with pytest.raises(ValueError, match="lock_image_tower"):
-        _trainer(_model("tiny-vit"), tmp_path, trainer_kwargs={"unlock_image_step": 2})
+        _trainer(_model("tiny-vit"), tmp_path, trainer_kwargs={"locks": Locks(unlock_image_step=2)})
 
 
 # --- cached-feature accumulation --------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _eval_records(tmp_path, n: int = 6) -> list[CaptionRecord]:
 
 
 def test_evaluate_reports_retrieval_and_keeps_the_best(tmp_path):
-    from miniclip.evaluation.encode import evaluate_retrieval
+    from miniclip.evaluation.encode import Encoder, evaluate_retrieval
     from miniclip.transforms import image_transform
     model = _model("tiny-vit")
     records = _eval_records(tmp_path)
@@ -245,8 +246,8 @@ def test_evaluate_reports_retrieval_and_keeps_the_best(tmp_path):
     assert {"eval_t2i_R@1", "eval_t2i_R@5", "eval_i2t_R@10", "eval_t2i_median_rank"} <= set(evals[0])
     assert trainer.state.best_metric == max(e["eval_mean_recall"] for e in evals)
     metrics = trainer.evaluate()
-    direct = evaluate_retrieval(model, records, get_tokenizer(model.config),
-                                image_transform(model.config, train=False), progress=False)
+    direct = evaluate_retrieval(Encoder(model, image_transform(model.config, train=False), get_tokenizer(model.config),
+                                        progress=False), records)
     assert metrics["eval_mean_recall"] == pytest.approx(direct["mean_recall"])
     assert (tmp_path / "out" / "recall_curves.png").is_file()
 
@@ -259,3 +260,20 @@ def test_evaluate_needs_records(tmp_path):
 def test_siglip_needs_a_bias(tmp_path):
     with pytest.raises(ValueError, match="logit_bias"):
         _trainer(_model("tiny-vit"), tmp_path, trainer_kwargs={"loss": "siglip"})
+
+
+# --- GPU-step defaults ------------------------------------------------------------------------------------------------
+def test_defaults_keep_host_syncs_out_of_the_step(tmp_path):
+    """Two stock defaults each make the host wait for the GPU once per step; ClipTrainingArguments changes them:
+    no NaN filter in the Trainer's loop (ClipTrainer stops on a NaN loss instead), and non-blocking batch copies
+    from pinned memory. tests/test_cuda.py proves the step sync-free on a GPU."""
+    args = ClipTrainingArguments(output_dir=str(tmp_path / "a"), report_to="none")  # no use_cpu: pinned memory
+    assert args.logging_nan_inf_filter is False
+    assert args.dataloader_pin_memory and args.accelerator_config.non_blocking
+    trainer = ClipTrainer(_model("tiny-vit"), args, train_dataset=TensorPairs(_model("tiny-vit").config),
+                          data_collator=default_data_collator)
+    assert trainer.get_train_dataloader()._non_blocking  # what accelerate's DataLoaderShard copies with
+    blocking = ClipTrainingArguments(output_dir=str(tmp_path / "b"), report_to="none", non_blocking_transfers=False)
+    assert not blocking.accelerator_config.non_blocking
+    assert ClipTrainingArguments(output_dir=str(tmp_path / "c"), report_to="none",
+                                 logging_nan_inf_filter=True).logging_nan_inf_filter

@@ -9,6 +9,7 @@ from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer
 from miniclip.config import load_model_config
+from miniclip.evaluation.encode import Encoder
 from miniclip.evaluation.zeroshot import (CHINESE_IMAGENET_TEMPLATES, OPENAI_IMAGENET_TEMPLATES, get_templates,
                                read_image_folder, zeroshot_classifier)
 
@@ -37,7 +38,7 @@ def test_classifier_is_mean_of_normalised_embeddings_renormalised():
     model = MiniClip("tiny-vit").eval()
     tokenizer = get_tokenizer(model.config)
     classes, templates = ["dog", "cat", "sea turtle"], OPENAI_IMAGENET_TEMPLATES[:7]
-    got = zeroshot_classifier(model, tokenizer, classes, templates, batch_size=5, progress=False)
+    got = zeroshot_classifier(Encoder(model, tokenizer=tokenizer, text_batch_size=5, progress=False), classes, templates)
     with torch.no_grad():
         expected = []
         for name in classes:  # CLIP's recipe, one class at a time on the full (untrimmed) token rows
@@ -47,7 +48,7 @@ def test_classifier_is_mean_of_normalised_embeddings_renormalised():
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
     assert torch.allclose(got.norm(dim=-1), torch.ones(3))
     with pytest.raises(ValueError, match="slot"):
-        zeroshot_classifier(model, tokenizer, classes, ["no slot here"], progress=False)
+        zeroshot_classifier(Encoder(model, tokenizer=tokenizer, progress=False), classes, ["no slot here"])
 
 
 def make_folder(root, classes=("cat", "dog"), n=2):

@@ -26,7 +26,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from miniclip.apps.ablation_report import write_report
+from miniclip.apps.ablation_report import DONE, write_report
 from miniclip.apps.cli import run_cli
 from miniclip.config import check_literal
 from miniclip.files import atomic_write_text, read_mapping_file
@@ -37,7 +37,7 @@ Launcher = Literal["python", "accelerate", "torchrun"]
 GRID_KEYS = ("name", "description", "output_dir", "base", "variants", "seeds", "metrics", "curve_metric",
              "launcher", "launcher_args")
 MANAGED = ("output_dir", "seed", "resume_from_checkpoint")  # set by the grid for each run, never by the YAML
-DONE, FAILED, SPEC, LOG = "ablate_done.json", "ablate_failed.json", "ablate_run.json", "train.log"
+FAILED, SPEC, LOG = "ablate_failed.json", "ablate_run.json", "train.log"
 _NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")  # ${VAR} or ${VAR:-default}
 TRAIN_MODULE = "miniclip.apps.train"  # what each run executes (`python -m`), unless --train_script names a script
@@ -224,8 +224,6 @@ def plan_runs(grid: Grid) -> list[Run]:
 def run_command(run: Run, grid: Grid, train_script: str | Path | None = None) -> list[str]:
     """The subprocess: a training run in a fresh interpreter, so a crash (or an OOM kill) ends that run only."""
     argv = as_argv({**run.args, "output_dir": str(run.dir), "resume_from_checkpoint": "latest"})
-    if train_script is not None and not Path(train_script).is_file():
-        raise FileNotFoundError(f"train script not found: {train_script}. Fix: pass --train_script path/to/train.py")
     target = [str(train_script)] if train_script is not None else ["-m", TRAIN_MODULE]
     if grid.launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", *grid.launcher_args, *target, *argv]
@@ -322,6 +320,9 @@ def parse_args(argv: list[str]) -> AblateArguments:
 
 def main(argv: list[str] | None = None) -> list[Run]:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.train_script is not None and not Path(args.train_script).is_file():
+        raise FileNotFoundError(f"train script not found: {args.train_script}. Fix: pass --train_script "
+                                "path/to/train.py, or leave it out to run miniclip.apps.train")
     grid = load_grid(args.grid, args.output_dir)
     if args.launcher is not None:
         grid.launcher = args.launcher
@@ -335,9 +336,9 @@ def main(argv: list[str] | None = None) -> list[Run]:
     return runs
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-ablate` console script (and `python -m miniclip.apps.ablate`)."""
-    run_cli(main, prog="miniclip-ablate")
+    run_cli(main, argv, prog="miniclip-ablate")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from miniclip.files import atomic_write, atomic_write_text
 
+DONE = "ablate_done.json"  # written last by ablate.execute: a run folder without it is unfinished
 RECALL_ORDER = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_recall")
 TAIL_COLUMNS = ("train_loss", "logit_scale", "train_runtime")
 LOWER_IS_BETTER = ("median_rank", "runtime")  # name endings
@@ -24,7 +25,6 @@ NOT_RANKED = ("logit_scale", "epoch", "train_loss", "loss")
 
 def read_run(folder: Path) -> dict:
     """A finished run: its DONE marker (variant, seed, metrics) plus the Trainer's log history."""
-    from miniclip.apps.ablate import DONE
     done = json.loads((folder / DONE).read_text(encoding="utf-8"))
     state = folder / "trainer_state.json"
     done["log_history"] = json.loads(state.read_text(encoding="utf-8")).get("log_history", []) if state.is_file() else []
@@ -134,7 +134,7 @@ def write_report(grid, runs) -> list[Path]:
     per_run = [["variant", "seed", "dir", *metrics]] + [
         [r["variant"], r["seed"], r["dir"], *[r["metrics"].get(m, "") for m in metrics]] for r in records]
     atomic_write_text(out / "ablation_runs.csv", _csv(per_run))
-    plot_curves(records, grid.curve_metric, out / "ablation.png", title=grid.name)
+    plot_seed_curves(records, grid.curve_metric, out / "ablation.png", title=grid.name)
     return [out / "ablation.md", out / "ablation.csv", out / "ablation_runs.csv", out / "ablation.png"]
 
 
@@ -155,7 +155,7 @@ def _mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]
     return steps, [statistics.fmean(c[s] for c in curves if s in c) for s in steps]
 
 
-def plot_curves(records: list[dict], recall_key: str, path: Path, title: str = "") -> Path:
+def plot_seed_curves(records: list[dict], recall_key: str, path: Path, title: str = "") -> Path:
     """Two panels: `recall_key` and training loss against steps; one colour per variant, thin lines per seed and
     a thick line for the mean over seeds."""
     import matplotlib

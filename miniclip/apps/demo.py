@@ -1,7 +1,7 @@
 """Search demo: a Gradio page over a caption file or an image folder. Type a description (English or Chinese, with
 the model's own tokenizer) or upload an image, and see the top-k most similar images with scores and captions.
 
-    python -m miniclip.apps.demo --checkpoint TinyCLIP-ViT-40M-32-Text-19M --data en_val.json --port 7860
+    python -m miniclip.apps.demo --checkpoint TinyCLIP-ViT-40M-32-Text-19M-LAION400M --data en_val.json --port 7860
 
 Leaves out on purpose: share links, login, and more than one model per process (one model, one index).
 """
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=folders, show_error=False)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-demo` console script (and `python -m miniclip.apps.demo`)."""
-    run_cli(main, prog="miniclip-demo")
+    run_cli(main, argv, prog="miniclip-demo")
 
 
 if __name__ == "__main__":

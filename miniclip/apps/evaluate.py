@@ -22,7 +22,7 @@ import torch
 from miniclip.apps.cli import parse_dataclass, run_cli
 from miniclip.checkpoints import load_model_and_tokenizer
 from miniclip.config import check_literal
-from miniclip.data.captions import BadSamplePolicy, read_caption_file
+from miniclip.data.captions import BadSamplePolicy, CaptionFileOptions, read_caption_file
 from miniclip.evaluation.encode import Encoder, flatten_captions
 from miniclip.evaluation.feature_cache import cached_features, files_fingerprint, model_fingerprint, texts_fingerprint
 from miniclip.evaluation.metrics import first_caption_indices, first_caption_retrieval, retrieval_metrics, zeroshot_metrics
@@ -39,7 +39,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 @dataclass
-class TestArguments:
+class TestArguments(CaptionFileOptions):
     checkpoint: str | None = field(default=None, metadata={"help": "Anything the loader takes: a miniclip output "
                                                            "dir, an open_clip / HF / Chinese-CLIP checkpoint."})
     model_config: str | None = field(default=None, metadata={"help": "Instead of --checkpoint: a model config name "
@@ -64,6 +64,10 @@ class TestArguments:
     text_batch_size: int = field(default=256, metadata={"help": "Texts per batch."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CPU or GPU)."})
+    draft_decode: bool = field(default=False, metadata={"help": (
+        "Decode JPEGs at a reduced scale (libjpeg DCT scaling, both sides >= the model's image size): several times "
+        "faster, but the pixels differ slightly from the reference transforms' full decode, so the numbers are not "
+        "comparable with published ones (CLIP_benchmark decodes in full). Off by default.")})
     grid_queries: int = field(default=6, metadata={"help": "Queries shown in the retrieval grid PNG."})
     grid_k: int = field(default=5, metadata={"help": "Images per query in the retrieval grid PNG."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars (--no_progress to hide)."})
@@ -108,7 +112,8 @@ class Runner:
         self.model, self.tokenizer = model, tokenizer
         self.encoder = Encoder(model, image_transform(model.config), tokenizer, device=device,
                                dtype=torch.bfloat16 if args.bf16 else None, image_batch_size=args.batch_size,
-                               text_batch_size=args.text_batch_size, progress=args.progress)
+                               text_batch_size=args.text_batch_size, progress=args.progress,
+                               draft_size=model.config.vision_cfg.image_size if args.draft_decode else None)
         self._fingerprint = None
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +127,8 @@ class Runner:
     def images(self, paths: list[Path], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(N_kept, D) embeddings and the kept indices; unreadable files are skipped with a count."""
         a = self.args
-        key = self._key("images", files_fingerprint(paths)) | {"transform": repr(self.encoder.transform)} \
+        key = self._key("images", files_fingerprint(paths)) | {"transform": repr(self.encoder.transform),
+                                                              "draft_size": self.encoder.draft_size} \
             if a.save_features else {}
 
         def compute():
@@ -162,7 +168,7 @@ def single_image(run: Runner) -> dict:
 
 def retrieval(run: Runner) -> dict:
     a = run.args
-    records = read_caption_file(a.eval_file, a.image_root, on_bad=a.on_bad)
+    records = read_caption_file(a.eval_file, a.image_root, on_bad=a.on_bad, **a.caption_file_kwargs())
     name = Path(a.eval_file).stem
     image_embeds, kept = run.images([r.image for r in records], name)
     records = [records[i] for i in kept.tolist()]  # images that could be read, in order
@@ -224,6 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-eval` console script (and `python test.py`)."""
-    run_cli(main, prog="test.py")
+    run_cli(main, argv, prog="test.py")

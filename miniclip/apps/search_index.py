@@ -12,10 +12,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 
+from miniclip.config import check_literal
 from miniclip.data.captions import read_caption_file
 from miniclip.evaluation.encode import Encoder
 from miniclip.evaluation.feature_cache import FeatureCacheError, cached_features, files_fingerprint, model_fingerprint
@@ -48,10 +49,9 @@ def read_image_set(data: str | Path, image_root: str | Path | None = None) -> Im
     data = Path(data)
     if data.is_dir():
         return _folder_images(data)
-    records = read_caption_file(data, image_root=image_root, check_files=False)
-    captions: dict[Path, list[str]] = {}
-    for record in records:  # an image listed twice keeps one entry with all its captions
-        captions.setdefault(record.image, []).extend(record.captions)
+    # Served to whoever opens the page: only images under the root (an image listed twice is one record).
+    records = read_caption_file(data, image_root=image_root, check_files=False, confine_to_root=True)
+    captions = {record.image: record.captions for record in records}
     present = [p for p in captions if p.is_file()]
     missing = [p for p in captions if not p.is_file()]
     if not present:
@@ -78,8 +78,7 @@ class SearchIndex:
 
     def search(self, query_embeds: torch.Tensor, k: int, backend: SearchBackend = "auto") -> list[tuple[int, float]]:
         """Exact top-k by cosine similarity -> [(row, score)], best first; k is clamped to 1..len(self)."""
-        if backend not in get_args(SearchBackend):
-            raise ValueError(f"backend={backend!r} is not one of {list(get_args(SearchBackend))}")
+        check_literal(backend, SearchBackend, "backend")
         query = torch.nn.functional.normalize(query_embeds.detach().float().cpu().reshape(1, -1), dim=-1)  # (1, D)
         if query.shape[1] != self.image_embeds.shape[1]:
             raise ValueError(f"query has {query.shape[1]} dims, the index {self.image_embeds.shape[1]}: "

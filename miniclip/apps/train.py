@@ -119,7 +119,8 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
             kept.append(record)
         except ImageDecodeError as e:
             if on_bad == "error":
-                raise ImageDecodeError(f"{path}: entry {index}: {e}. Fix the file, or pass --on_bad skip") from None
+                raise ImageDecodeError(f"{path}: entry {index} (image {record.image}) cannot be decoded: {e.reason}. "
+                                       "Fix the file, or pass --on_bad skip", e.reason) from None
             logger.warning("%s: skipping entry %d: image %s cannot be decoded", path, index, record.image)
     if len(kept) < len(records):
         logger.warning("%s: skipped %d unreadable image(s) of %d", path, len(records) - len(kept), len(records))
@@ -129,7 +130,8 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
 def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None) -> list[CaptionRecord] | None:
     if path is None:
         return None
-    records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad,
+                                **data_args.caption_file_kwargs())
     return _readable(records[:limit] if limit else records, data_args.on_bad, path)
 
 
@@ -174,7 +176,8 @@ def _report(name: str, metrics: dict) -> None:
     logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
 
 
-def main(argv: list[str] | None = None) -> RunResult:
+def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
+    """One training run from command-line style `argv`; `callbacks` (TrainerCallback) join the trainer's own."""
     model_args, data_args, training_args, default_run = parse_args(sys.argv[1:] if argv is None else list(argv))
     training_args.remove_unused_columns = False  # the collator needs the raw "caption" column
     _setup_logging(training_args)
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> RunResult:
         raise ValueError("--pretrained needs --train_file (the captions to finetune on); the embedded default run "
                          "trains from scratch on its synthetic set")
     # Caption files first: a bad file fails in a second, before any model is built.
-    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad,
+                                **data_args.caption_file_kwargs())
     eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
     test_records = read_eval_records(data_args.test_file, data_args, None)
     model, tokenizer = build_model(model_args)
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> RunResult:
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer, teacher_tokenizer),
                           processing_class=tokenizer, teacher=teacher,
                           eval_transform=image_transform(model.config, train=False, image_size=image_size),
-                          callbacks=[EpochCallback(train_dataset)])
+                          callbacks=[EpochCallback(train_dataset), *callbacks])
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
@@ -228,9 +232,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     return RunResult(Path(training_args.output_dir), train_result.metrics, eval_metrics, test_metrics, trainer)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """The `miniclip-train` console script (and `python train.py`)."""
-    run_cli(main, prog="train.py")
+    run_cli(main, argv, prog="train.py")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ import re
 import torch
 from transformers import ChineseCLIPConfig
 
-from miniclip.config import ClipConfig, PreprocessConfig, TextConfig
+from miniclip.config import CHINESE_CLIP_CONTEXT_LENGTH, ClipConfig, PreprocessConfig, TextConfig
 from miniclip.checkpoints.hf_clip import (IGNORED_BUFFERS, VISION_NAMES, activation_from_hf, add_hf_heads, check_hf_exportable,
                          check_model_type, hf_tower_to_open_clip, open_clip_tower_to_hf, put, transposed,
                          vision_config_from_hf, vision_config_to_hf)
 
 Tensor = torch.Tensor
-CONTEXT_LENGTH = 52  # Chinese-CLIP's text length (its training and its tokenizer's default)
 # cn_clip with use_flash_attention swaps nn.MultiheadAttention / BERT self-attention for flash_attn's FlashMHA,
 # whose fused `Wqkv` Linear stacks (q; k; v) rows like `in_proj_weight`, and whose `out_proj` replaces BERT's
 # `attention.output.dense` (see cn_clip.clip.model.convert_state_dict).
@@ -115,7 +114,7 @@ def hf_chinese_clip_config_to_miniclip(hf_config: dict) -> ClipConfig:
     position_type = getattr(text, "position_embedding_type", "absolute")
     if position_type != "absolute":
         raise ValueError(f"text_config.position_embedding_type={position_type!r}: MiniClip's BERT uses 'absolute'")
-    text_cfg = TextConfig(tower="bert", context_length=min(CONTEXT_LENGTH, text.max_position_embeddings),
+    text_cfg = TextConfig(tower="bert", context_length=min(CHINESE_CLIP_CONTEXT_LENGTH, text.max_position_embeddings),
                           vocab_size=text.vocab_size, width=text.hidden_size, heads=text.num_attention_heads,
                           layers=text.num_hidden_layers, intermediate_size=text.intermediate_size,
                           max_position_embeddings=text.max_position_embeddings,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-HUB_DIR = Path(__file__).resolve().parent.parent / "model_hub"
+HUB_DIR = Path(__file__).resolve().parents[2] / "model_hub"  # a checkout's git-ignored model_hub/
 TINYCLIP_RELEASES = "https://github.com/wkcn/TinyCLIP-model-zoo/releases/download/checkpoints/"
 OPENAI_URLS = "https://openaipublic.azureedge.net/clip/models/"
 # Alternatives: any one group of files is a complete checkpoint, tried in order.
@@ -71,8 +71,14 @@ def list_known_names() -> list[str]:
 
 
 def hub_dir() -> Path:
-    """`$MINICLIP_HUB_DIR`, else the repository's model_hub/."""
-    return Path(os.environ.get("MINICLIP_HUB_DIR") or HUB_DIR)
+    """`$MINICLIP_HUB_DIR`, else the checkout's model_hub/, else (an installed package, where that folder would be
+    inside site-packages) the cache: $MINICLIP_CACHE/hub or ~/.cache/miniclip/hub."""
+    if os.environ.get("MINICLIP_HUB_DIR"):
+        return Path(os.environ["MINICLIP_HUB_DIR"])
+    if HUB_DIR.is_dir():
+        return HUB_DIR
+    from miniclip.files import cache_dir
+    return cache_dir("hub")
 
 
 def _offline() -> bool:
@@ -97,8 +103,29 @@ def resolve(name_or_path: str | Path) -> Path:
         return _fetch(name, KNOWN[name])
     if _is_repo_id(name):
         return _fetch(name, Source(repo_id=name, groups=HF_FOLDER + OPEN_CLIP_FOLDER))
+    _refuse_config_name(name)
     raise FileNotFoundError(f"{name!r} is neither an existing file or folder, nor a known checkpoint name, nor a "
                             f"Hugging Face repo id (org/name). Known names: {', '.join(list_known_names())}")
+
+
+def checkpoints_for_config(config_name: str) -> list[str]:
+    """Known checkpoint names of a model config (an architecture): TinyCLIP-ViT-8M-16-Text-3M ->
+    [TinyCLIP-ViT-8M-16-Text-3M-YFCC15M]; a name that is both (OpenAI-ViT-B-32) -> itself."""
+    return sorted(n for n in KNOWN if n == config_name or n.startswith(config_name + "-"))
+
+
+def _refuse_config_name(name: str) -> None:
+    """A model config name given where a checkpoint is wanted: say which checkpoints exist for it."""
+    from miniclip.config import list_model_configs
+    if name not in list_model_configs():
+        return
+    known = checkpoints_for_config(name)
+    fix = f"or --model_config {name} to train it from scratch (random init)"
+    if known:
+        raise FileNotFoundError(f"{name!r} is a model config (an architecture), not a checkpoint; the known "
+                                f"checkpoint(s) for it: {', '.join(known)}. Pass one of those to --pretrained, {fix}")
+    raise FileNotFoundError(f"{name!r} is a model config (an architecture) with no known published checkpoint. "
+                            f"Pass a checkpoint file or folder to --pretrained, {fix}")
 
 
 def _local(folder: Path, source: Source) -> Path | None:

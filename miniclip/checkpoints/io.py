@@ -6,6 +6,7 @@ purpose: numpy / JAX (big_vision) files, sharded checkpoints, and anything that 
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 import warnings
 import zipfile
@@ -19,6 +20,12 @@ import torch
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Keys of a training checkpoint that wrap the state dict, in the order they are tried.
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+# The only classes a weights_only read may rebuild beyond tensors and containers: argparse's Namespace (TinyCLIP's
+# training checkpoints pickle their "args" as one) only sets attributes, running no code. Never widened to arbitrary
+# classes: anything else still needs allow_unsafe_pickle=True.
+SAFE_PICKLE_TYPES = [argparse.Namespace]
+# Entries of a training checkpoint kept beside its weights for what they say about the run (Checkpoint.run).
+RUN_ENTRIES = ("name", "epoch", "args")
 
 
 class CheckpointError(ValueError):
@@ -93,12 +100,13 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: Path, allow_unsafe_pickle: bool) -> Any:
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped; other errors are real
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_PICKLE_TYPES):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped; other errors are real
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_unsafe_pickle:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -143,3 +151,24 @@ def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
     if all(k.startswith("module.") for k in keys):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def run_entries(obj: Any) -> dict[str, Any]:
+    """What a training checkpoint says about its run beside the weights (open_clip_train's `name`, TinyCLIP's
+    `args` Namespace as a dict, `epoch`); {} for a bare state dict."""
+    if not isinstance(obj, dict) or not any(isinstance(obj.get(k), dict) for k in WRAPPER_KEYS):
+        return {}
+    run = {k: obj[k] for k in RUN_ENTRIES if k in obj}
+    if isinstance(run.get("args"), argparse.Namespace):
+        run["args"] = vars(run["args"])
+    return run
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors header (miniclip tags its files with layout=miniclip)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated?): {e}") from None

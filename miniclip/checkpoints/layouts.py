@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
-from miniclip.checkpoints import chinese_clip, hf_clip
+from miniclip.checkpoints import chinese_clip, dual_encoder, hf_clip, runs
 from miniclip.checkpoints.architecture import config_from_open_clip
-from miniclip.checkpoints.io import OPENAI_EXTRA_KEYS, CheckpointError, read_checkpoint, unwrap_state_dict
+from miniclip.checkpoints.io import (OPENAI_EXTRA_KEYS, CheckpointError, read_checkpoint, run_entries,
+                                     safetensors_metadata, unwrap_state_dict)
 from miniclip.config import ClipConfig
 from miniclip.files import read_mapping_file
 
-Format = Literal["auto", "miniclip", "tinyclip", "open_clip", "openai", "hf_clip", "cn_clip", "hf_chinese_clip"]
+Format = Literal["auto", "miniclip", "tinyclip", "open_clip", "openai", "hf_clip", "cn_clip", "hf_chinese_clip",
+                 "hf_dual_encoder", "tutorial", "open_clip_train", "tinyclip_train"]
 ExportFormat = Literal["miniclip", "hf", "open_clip"]
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "model_config.json", "tokenizer_config.json"
@@ -53,6 +55,9 @@ class Checkpoint:
     config: ClipConfig | None = None  # what the checkpoint says about its architecture, if anything
     ignored: list = field(default_factory=list)  # keys a converter deliberately dropped
     origin: dict = field(default_factory=dict)  # MiniClip name -> name in the file, for error messages
+    run: dict = field(default_factory=dict)  # what a training checkpoint says about its run (io.run_entries)
+    quick_gelu: bool | None = None  # the activation the run recorded, when it says nothing more about the config
+    note: str = ""  # where `config` / `quick_gelu` came from, for the log and LoadResult.config_source
 
     @property
     def directory(self) -> Path:
@@ -72,6 +77,8 @@ class Layout:
     key_prefixes: tuple[str, ...] = ()  # keys that give this layout away in another layout's file
     hint: str | None = None  # the likely cause shown when such keys appear unexpectedly
     read_folder: Callable[..., Checkpoint | None] | None = None
+    # fills Checkpoint.config / quick_gelu / note from what the run recorded (runs.py); run when no config is stored
+    describe_run: Callable[[Checkpoint], None] | None = None
 
 
 # --- key renaming for the open_clip family (open_clip, TinyCLIP, OpenAI) --------------------------------------------
@@ -91,7 +98,7 @@ def open_clip_to_miniclip(state: dict) -> tuple[dict, list, dict]:
             new = "image_encoder." + name
         elif name in ("logit_scale", "logit_bias"):
             new = f"{name}.{name}"
-        elif name.startswith(_OPEN_CLIP_TEXT):
+        elif name.startswith(_OPEN_CLIP_TEXT) or key.startswith("text."):  # text.*: a CustomTextCLIP's text tower
             new = "text_encoder." + name
         else:
             new = key
@@ -127,6 +134,11 @@ def _open_clip_family(layout: str):
     return convert
 
 
+def _tinyclip_train(state, file, config=None, hf_config=None):
+    renamed, origin = runs.tinyclip_train_to_miniclip(state)
+    return Checkpoint(renamed, "tinyclip_train", file, origin=origin)
+
+
 def _cn_clip(state, file, config=None, hf_config=None):
     renamed, ignored = chinese_clip.cn_clip_to_miniclip(state)
     return Checkpoint(renamed, "cn_clip", file, ignored=list(ignored))
@@ -142,6 +154,11 @@ def _hf(layout: str, module, to_hf_config, to_miniclip, to_config, model_class: 
         renamed, ignored = to_miniclip(state, hf_config)
         return Checkpoint(renamed, layout, file, config=to_config(hf_config), ignored=list(ignored))
     return convert
+
+
+def _dual_encoder(state, file, config=None, hf_config=None):
+    renamed, origin, stored = dual_encoder.convert(state, file, config, hf_config)
+    return Checkpoint(renamed, "hf_dual_encoder", file, config=stored, origin=origin)
 
 
 # --- folders ----------------------------------------------------------------------------------------------------------
@@ -182,6 +199,18 @@ def _open_clip_folder(directory: Path, layout: str, allow_unsafe_pickle: bool) -
     return ckpt
 
 
+def _open_clip_train_folder(directory: Path, layout: str, allow_unsafe_pickle: bool) -> Checkpoint | None:
+    file = runs.latest_run_checkpoint(directory)
+    return None if file is None else read_file(file, layout, allow_unsafe_pickle)
+
+
+def _is_tutorial_file(keys, file: Path, kind: str) -> bool:
+    """MiniClip's key names without miniclip's config file or its safetensors tag: the tutorial's MiniTrainer
+    (Hugging Face Trainer.save_model of its nn.Module) wrote it."""
+    return (_has(keys, ("image_encoder.", "text_encoder.")) and not (file.parent / CONFIG_FILE).is_file()
+            and (kind != "safetensors" or safetensors_metadata(file).get("layout") != "miniclip"))
+
+
 def _hf_folder(model_type: str):
     def read_folder(directory: Path, layout: str, allow_unsafe_pickle: bool) -> Checkpoint | None:
         if not (directory / HF_CONFIG).is_file():
@@ -203,8 +232,18 @@ _OPEN_CLIP_KEYS = ("visual.", "token_embedding.", "transformer.resblocks.")
 _HF_KEYS = ("vision_model.", "text_model.", "visual_projection.")
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in [
+    Layout("tutorial", matches=_is_tutorial_file, convert=_as_is("tutorial"), quick_gelu=True,
+           describe_run=runs.describe_tutorial),
     Layout("miniclip", matches=lambda keys, file, kind: _has(keys, ("image_encoder.", "text_encoder.")),
            convert=_as_is("miniclip"), read_folder=_miniclip_folder),
+    Layout("tinyclip_train", matches=lambda keys, file, kind: _has(keys, tuple(f"{t}." for t in runs.TINYCLIP_TOWERS)),
+           convert=_tinyclip_train, quick_gelu=False, key_prefixes=tuple(f"{t}." for t in runs.TINYCLIP_TOWERS),
+           hint="this looks like a TinyCLIP training checkpoint (_image_encoder.* keys): pass "
+           "format='tinyclip_train'", describe_run=runs.describe_tinyclip_train),
+    Layout("hf_dual_encoder", matches=dual_encoder.matches, convert=_dual_encoder,
+           key_prefixes=("vision_model.timm_model.",), hint="this looks like a transformers "
+           "VisionTextDualEncoderModel state dict (run_clip.py): load its folder, or pass format='hf_dual_encoder'",
+           read_folder=_hf_folder(dual_encoder.MODEL_TYPE)),
     Layout("hf_chinese_clip", matches=lambda keys, file, kind: _has(keys, ("text_model.encoder.layer.",))
            and _has(keys, ("vision_model.",)),
            convert=_hf("hf_chinese_clip", chinese_clip, chinese_clip.miniclip_config_to_hf_chinese_clip,
@@ -225,27 +264,31 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in [
     Layout("tinyclip", matches=lambda keys, file, kind: _has(keys, ("visual.",)) and "tinyclip" in file.name.lower(),
            convert=_open_clip_family("tinyclip"), quick_gelu=False, key_prefixes=_OPEN_CLIP_KEYS,
            hint=_OPEN_CLIP_HINT, read_folder=_open_clip_folder),
+    Layout("open_clip_train", matches=lambda keys, file, kind: _has(keys, ("visual.",))
+           and runs.run_params_file(file) is not None, convert=_open_clip_family("open_clip_train"),
+           key_prefixes=_OPEN_CLIP_KEYS, hint=_OPEN_CLIP_HINT, read_folder=_open_clip_train_folder,
+           describe_run=runs.describe_open_clip_train),
     Layout("open_clip", matches=lambda keys, file, kind: _has(keys, ("visual.",)),
            convert=_open_clip_family("open_clip"), key_prefixes=_OPEN_CLIP_KEYS, hint=_OPEN_CLIP_HINT,
-           read_folder=_open_clip_folder),
+           read_folder=_open_clip_folder, describe_run=runs.describe_open_clip_train),
 ]}
 assert set(LAYOUTS) == set(get_args(Format)[1:]), "every Format has one Layout record"
 # The folder kinds in the order they are recognised (an open_clip hub folder may hold any open_clip-family file).
-FOLDER_ORDER = ("miniclip", "open_clip", "openai", "tinyclip", "hf_clip", "hf_chinese_clip")
+FOLDER_ORDER = ("miniclip", "open_clip", "openai", "tinyclip", "hf_clip", "hf_chinese_clip", "hf_dual_encoder",
+                "open_clip_train")
 
 
 # --- reading ----------------------------------------------------------------------------------------------------------
 def _is_tinyclip_auto(keys) -> bool:
-    # TinyCLIP's pruning wrapper names its towers _image_encoder / _text_encoder and stores l0-module gate
-    # parameters (*_loga, lambda_*) next to the weights.
-    return any(k.startswith(("_image_encoder.", "_text_encoder.", "_logit_scale.")) or "l0_module" in k
-               or k.endswith("_loga") for k in keys)
+    # TinyCLIP's pruning runs store their L0-module gates (l0_module.*: *_loga, lambda_1 / lambda_2) next to the
+    # weights; its plain training checkpoints (tinyclip_train) have the same _image_encoder.* names without them.
+    return any("l0_module." in k or k.endswith("_loga") for k in keys)
 
 
 def _refuse_tinyclip_auto(file: Path):
     raise CheckpointError(
         f"{file} is a TinyCLIP auto-inheritance (pruned) checkpoint: its layers have individually pruned heads and "
-        "MLP widths (l0-module masks / _image_encoder.* keys), which MiniClip's uniform towers cannot hold. It is "
+        "MLP widths (l0_module.* / *_loga mask keys), which MiniClip's uniform towers cannot hold. It is "
         "not supported; use a manual-inheritance TinyCLIP checkpoint (e.g. TinyCLIP-ViT-40M-32-Text-19M-LAION400M), "
         "or its Hugging Face export (wkcn/TinyCLIP-auto-...) if one exists, as a CLIPModel folder.")
 
@@ -267,12 +310,17 @@ def read_state(file: Path, allow_unsafe_pickle: bool) -> tuple[dict, str]:
 
 def read_file(file: Path, format: str = "auto", allow_unsafe_pickle: bool = False,
               config: ClipConfig | None = None) -> Checkpoint:
-    """A single weights file -> Checkpoint; its layout from `format` or its keys."""
-    state, kind = read_state(file, allow_unsafe_pickle)
+    """A single weights file -> Checkpoint; its layout from `format` or its keys, its run's record read."""
+    obj, kind = read_checkpoint(file, allow_unsafe_pickle)
+    state = unwrap_state_dict(obj, file)
     if _is_tinyclip_auto(state):
         _refuse_tinyclip_auto(file)
     layout = detect_layout(state, file, kind) if format == "auto" else format
-    return LAYOUTS[layout].convert(state, file, config, None)
+    ckpt = LAYOUTS[layout].convert(state, file, config, None)
+    ckpt.run = run_entries(obj)
+    if ckpt.config is None and LAYOUTS[layout].describe_run is not None:
+        LAYOUTS[layout].describe_run(ckpt)
+    return ckpt
 
 
 def read_folder(directory: Path, format: str = "auto", allow_unsafe_pickle: bool = False,
@@ -288,14 +336,21 @@ def read_folder(directory: Path, format: str = "auto", allow_unsafe_pickle: bool
     if (directory / HF_CONFIG).is_file():
         model_type = _read_json(directory / HF_CONFIG).get("model_type")
         raise CheckpointError(f"{directory / HF_CONFIG} has model_type={model_type!r}; MiniClip loads 'clip' "
-                              "(CLIPModel) and 'chinese_clip' (ChineseCLIPModel) folders")
+                              "(CLIPModel), 'chinese_clip' (ChineseCLIPModel) and 'vision-text-dual-encoder' "
+                              "(VisionTextDualEncoderModel) folders")
     candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-                        and p.name != "training_args.bin")
+                        and not _is_trainer_state(p.name))
     if len(candidates) != 1:
         raise CheckpointError(f"{directory} holds {len(candidates)} weights files ({[p.name for p in candidates]}) "
                               f"and no {CONFIG_FILE} / {OPEN_CLIP_CONFIG} / {HF_CONFIG} saying which layout it is. "
                               "Fix: pass the path of the checkpoint file itself.")
     return read_file(candidates[0], format, allow_unsafe_pickle, config=config)
+
+
+def _is_trainer_state(name: str) -> bool:
+    """Files a Hugging Face Trainer checkpoint-* folder holds beside the weights (the tutorial's folders too)."""
+    return name in ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt") or (
+        name.startswith("rng_state") and name.endswith(".pth"))
 
 
 def read_any(path: Path, format: str = "auto", allow_unsafe_pickle: bool = False,

@@ -62,6 +62,8 @@ def load_pretrained(name_or_path: str | Path, config: ClipConfig | str | dict | 
         raise CheckpointError(f"{ckpt.file} (detected layout: {ckpt.layout}): {e}"
                               + "".join(f"\nLikely cause: {h}" for h in foreign_hints(ckpt.state))) from None
     chosen = _with_sizes(chosen, image_size, context_length)
+    if given is None:  # a given config is the caller's word (a tokenizer of their own may go with it)
+        check_vocabulary(chosen, ckpt)
     resized = adapt_positions(ckpt.state, chosen)
     with torch.device("meta"):  # shapes only: validation allocates nothing and fails fast
         skeleton = MiniClip(chosen)
@@ -107,8 +109,8 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
     if given is not None:
         return given, f"given ({given.name or 'dict'})"
     if ckpt.config is not None:
-        return ckpt.config, f"stored in the checkpoint ({ckpt.layout})"
-    convention = LAYOUTS[ckpt.layout].quick_gelu
+        return ckpt.config, f"{ckpt.note or 'stored in the checkpoint'} ({ckpt.layout})"
+    convention = ckpt.quick_gelu if ckpt.quick_gelu is not None else LAYOUTS[ckpt.layout].quick_gelu
     config = infer_config(ckpt.state, quick_gelu=bool(convention))
     source = "inferred from shapes"
     known = _known_config_like(config)
@@ -122,9 +124,13 @@ def choose_config(ckpt: Checkpoint, given: ClipConfig | None) -> tuple[ClipConfi
     if convention is None:
         hint = (f" Its shapes are those of {known.name!r} (quick_gelu={known.quick_gelu}): pass config="
                 f"{known.name!r} if it is that model." if known is not None else "")
-        logger.warning("%s: the checkpoint does not say which activation it was trained with; assuming GELU "
+        logger.warning("%s: the checkpoint does not say which activation it was trained with%s; assuming GELU "
                        "(LAION open_clip / TinyCLIP). If it was trained with QuickGELU (OpenAI-initialised, "
-                       "*-quickgelu models), pass config= with \"quick_gelu\": true.%s", ckpt.file, hint)
+                       "*-quickgelu models), pass config= with \"quick_gelu\": true.%s", ckpt.file,
+                       f" ({ckpt.note})" if ckpt.note else "", hint)
+    elif ckpt.note:
+        source += f"; {'QuickGELU' if convention else 'GELU'}: {ckpt.note}"
+        logger.info("%s: %s activation: %s", ckpt.file, "QuickGELU" if convention else "GELU", ckpt.note)
     return config, source
 
 
@@ -140,6 +146,25 @@ def _with_sizes(config: ClipConfig, image_size: int | None, context_length: int 
 
 
 # --- strict validation --------------------------------------------------------------------------------------------------
+def check_vocabulary(config: ClipConfig, ckpt: Checkpoint) -> None:
+    """The token embedding needs a row for every id the tower's tokenizer emits; fewer rows would load and then
+    fail in encode_text with a bare IndexError. (More rows are fine: unused ids.)"""
+    try:
+        tokenizer = get_tokenizer(config, checkpoint_dir=ckpt.directory)
+    except FileNotFoundError:
+        return  # no vocabulary to compare with; load_model_and_tokenizer says so when it is needed
+    rows, needed = config.text_cfg.vocab_size, tokenizer.vocab_size
+    if rows < needed:
+        key = ("text_encoder.bert.embeddings.word_embeddings.weight" if config.text_cfg.tower == "bert"
+               else "text_encoder.token_embedding.weight")
+        raise CheckpointError(
+            f"{ckpt.file}: {ckpt.origin.get(key, key)} has {rows} rows but the tower's tokenizer "
+            f"({type(tokenizer).__name__}) emits ids up to {needed - 1} ({needed} tokens); nothing was loaded. "
+            "Fix: the embedding was cut or trained with another tokenizer: use the original file, or a config and "
+            "tokenizer with that vocabulary.")
+
+
+
 def _same_shape(value: torch.Tensor, target: torch.Tensor) -> bool:
     # a scalar stored as shape (1,) (older logit_scale) is the same value
     return value.shape == target.shape or (value.numel() == target.numel() == 1 and value.ndim <= 1)

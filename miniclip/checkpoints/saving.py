@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from miniclip.checkpoints import chinese_clip, hf_clip
+from miniclip.checkpoints import chinese_clip, dual_encoder, hf_clip
 from miniclip.checkpoints.layouts import (CONFIG_FILE, HF_CONFIG, HF_WEIGHTS, MODEL_FILE, OPEN_CLIP_CONFIG,
                                           TOKENIZER_FILE, ExportFormat, miniclip_to_open_clip)
 from miniclip.config import ClipConfig, check_literal
 from miniclip.files import atomic_write_json, atomic_write_text, save_safetensors
-from miniclip.tokenizer import VOCAB_FILENAME, BertWordPieceTokenizer, get_tokenizer
+from miniclip.tokenizer import HF_TOKENIZER_DIR, VOCAB_FILENAME, BertWordPieceTokenizer, HFTokenizer, get_tokenizer
+from miniclip.towers import self_contained_config
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,11 @@ def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tok
     config: ClipConfig = model.config
     if format == "miniclip":
         save_safetensors(state, output_dir / MODEL_FILE, metadata={"format": "pt", "layout": "miniclip"})
-        atomic_write_json(output_dir / CONFIG_FILE, config.to_dict())
+        atomic_write_json(output_dir / CONFIG_FILE, self_contained_config(config).to_dict())
         _save_tokenizer(model, tokenizer, output_dir, describe=True)
+    elif format == "hf" and (config.vision_cfg.is_timm or config.text_cfg.tower == "hf"):
+        dual_encoder.save_dual_encoder(state, self_contained_config(config), output_dir)
+        _save_tokenizer(model, tokenizer, output_dir, describe=False)
     elif format == "hf":
         _save_hf(state, config, output_dir)
         _save_tokenizer(model, tokenizer, output_dir, describe=False)
@@ -48,6 +52,8 @@ def _save_tokenizer(model, tokenizer, output_dir: Path, describe: bool) -> None:
             return
     if describe:
         atomic_write_json(output_dir / TOKENIZER_FILE, tokenizer.describe())
+    if isinstance(tokenizer, HFTokenizer):  # its own files: in text_tower/ (miniclip), on top (transformers' folder)
+        tokenizer.save(output_dir / HF_TOKENIZER_DIR if describe else output_dir)
     if isinstance(tokenizer, BertWordPieceTokenizer):
         source, target = Path(tokenizer.vocab_file), output_dir / VOCAB_FILENAME
         if not target.exists() or source.resolve() != target.resolve():
@@ -65,6 +71,9 @@ def _save_hf(state: dict, config: ClipConfig, output_dir: Path) -> None:
 
 
 def _save_open_clip(state: dict, config: ClipConfig, output_dir: Path) -> None:
+    if config.vision_cfg.is_timm or config.text_cfg.tower == "hf":
+        raise ValueError("format='open_clip' is not written for timm / transformers towers; use format='hf' "
+                         "(VisionTextDualEncoderModel) or 'miniclip'")
     if config.text_cfg.tower != "transformer":
         raise ValueError("format='open_clip' needs open_clip's own text transformer; this model has a BERT text "
                          "tower (Chinese-CLIP). Use format='hf' (ChineseCLIPModel) or 'miniclip' instead.")

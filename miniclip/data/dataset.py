@@ -60,8 +60,9 @@ class _Decode:
             try:
                 decoded = load_image(image, self.draft_size)
             except ImageDecodeError as e:
-                raise ImageDecodeError(f"entry {index}: {e}. Fix: replace or remove the file, or use the "
-                                       "bad-sample policy 'skip' to drop such samples.") from e
+                raise ImageDecodeError(f"entry {index} (image {image}): cannot decode the image: {e.reason}. Fix: "
+                                       "replace or remove the file, or use the bad-sample policy 'skip' to drop "
+                                       "such samples.", e.reason) from None
             # Random augmentation drawn from (seed, epoch, index) too, not from the global RNG stream: the
             # dataloader prefetches batches, so a checkpoint's saved RNG state is ahead of the batch that follows
             # it, and a resumed run would otherwise crop differently.

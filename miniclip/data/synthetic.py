@@ -34,16 +34,8 @@ POSITIONS = {"left": ("on the left", "左边", (0.25, 0.5)), "right": ("on the r
              "center": ("in the center", "中间", (0.5, 0.5))}
 SIZES = {"small": ("小", 0.13), "big": ("大", 0.22)}  # radius as a fraction of the image side
 
-# The embedded default run (`python train.py` with no data arguments) trains on this set with these settings, over
-# train.py's DEFAULT_RUN. Tuned on the 2-core CPU machine: model_configs/tiny-default.json (tiny-vit with 8-pixel
-# patches: 64 tokens an image, so shapes are resolved), 20 epochs of 24 steps at batch 128 (drop_last off), AdamW
-# at 3e-3 with cosine decay. One dataloader worker decodes while the main process computes on the other core.
-DEFAULT_RUN_ARGS = {
-    "model_config": "tiny-default", "per_device_train_batch_size": 128, "num_train_epochs": 20,
-    "learning_rate": 3e-3, "warmup_steps": 50, "weight_decay": 0.1, "lr_scheduler_type": "cosine",
-    "dataloader_num_workers": 1, "dataloader_persistent_workers": True, "bf16": True,
-}
-
+# The embedded default run (`python train.py` with no data arguments) trains on this set with the settings of
+# training/arguments.py: DEFAULT_RUN.
 EN_TEMPLATES = ("a {size} {color} {shape} {pos}", "{pos_cap} there is a {size} {color} {shape}",
                 "a photo of a {size} {color} {shape} {pos}", "a {color} {shape}, {size}, {pos}")
 ZH_TEMPLATES = ("{pos}有一个{size}的{color}{shape}", "一个{size}{color}的{shape}在{pos}",

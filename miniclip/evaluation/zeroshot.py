@@ -5,7 +5,6 @@ Leaves out on purpose: per-dataset template sets and class-name lists other than
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from PIL import Image
 
 from miniclip.config import check_literal
 from miniclip.evaluation.encode import Encoder
+from miniclip.files import read_mapping_file
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,8 @@ def read_class_map(path: str | Path | None, folders: Sequence[str]) -> list[str]
     if path is None:
         return [f.replace("_", " ") for f in folders]
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name map not found: {path}")
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"class-name map {path} is not valid JSON: {e}") from None
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+    mapping = read_mapping_file(path, "class-name map")
+    if not all(isinstance(v, str) and v.strip() for v in mapping.values()):
         raise ValueError(f'class-name map {path} must be a JSON object {{"folder": "class name", ...}}')
     missing = [f for f in folders if f not in mapping]
     if missing:

@@ -6,19 +6,20 @@ Leaves out on purpose: running anything (apps/train.py does).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import logging
+from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from miniclip.config import check_literal
-from miniclip.data.captions import BadSamplePolicy
+from miniclip.data.captions import BadSamplePolicy, CaptionFileOptions
 from miniclip.data.dataset import CaptionMode
 from miniclip.distillation import DistillKind, FeatureDistance
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
+from miniclip.loss import LossKind
 from miniclip.training.locking import Locks
 
-LossKind = Literal["clip", "siglip"]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(CaptionFileOptions):
     train_file: str | None = field(default=None, metadata={"help": (
         'Training captions: a JSON list [{"image": "images/x.jpg", "caption": ["...", ...]}], JSON Lines, or CSV '
         "with image / caption columns. Without it: the embedded default run on a synthetic set.")})
@@ -99,14 +100,14 @@ class DataArguments:
         "Validation captions (same formats): retrieval recall during training (eval_strategy) and at the end.")})
     test_file: str | None = field(default=None, metadata={"help": "Captions evaluated once, after training."})
     image_root: str | None = field(default=None, metadata={"help": (
-        "Folder image paths are relative to (default: the folder of each caption file). Paths may not escape it.")})
+        "Folder relative image paths are relative to (default: the folder of each caption file).")})
     caption_mode: CaptionMode = field(default="random", metadata={"help": (
         "'random': one caption per image per epoch, picked from (seed, epoch, index), so resumes reproduce it; "
         "'all': every caption is its own training pair.")})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
     on_bad: BadSamplePolicy = field(default="error", metadata={"help": (
-        "Bad samples (missing / corrupt image, empty captions, path outside the root): 'error' stops with the "
+        "Bad samples (missing / corrupt image, empty captions, path outside a confined root): 'error' stops with the "
         "file and entry; 'skip' drops them and counts them in the log.")})
     augment: bool = field(default=True, metadata={"help": (
         "Random resized crop (scale 0.9-1) on training images; false = the evaluation transform.")})
@@ -150,6 +151,16 @@ class ClipTrainingArguments(TrainingArguments):
     gather_with_grad: bool = field(default=True, metadata={"help": (
         "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
         "through other processes' copies of the features.")})
+    # Two stock defaults changed because each costs a host sync on every GPU step (the CPU waits for the GPU, then
+    # the GPU waits for the CPU's next launches): the Trainer's NaN filter reads the loss on the host
+    # (`bool(torch.isnan(loss))`), and accelerate's blocking batch copy waits for the stream. ClipTrainer stops on
+    # a NaN loss anyway (NonFiniteLossCallback), so the filter has nothing left to do.
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
+        "Replace NaN / inf losses in the logs by the recent mean (the stock default; costs a host sync per step). "
+        "Off by default: ClipTrainer stops the run on a non-finite loss instead.")})
+    non_blocking_transfers: bool = field(default=True, metadata={"help": (
+        "Copy each batch to the GPU asynchronously from pinned memory (accelerate's non_blocking; needs "
+        "dataloader_pin_memory). False = accelerate's blocking copy, which syncs once per step.")})
 
     distill_loss: DistillKind = field(default="affinity", metadata={"help": (
         "With --distill_from: 'affinity' (TinyCLIP's affinity mimicking: KL of the similarity rows, both "
@@ -162,6 +173,12 @@ class ClipTrainingArguments(TrainingArguments):
         "--distill_loss feature: 'cosine' (1 - cos) or 'mse'.")})
 
     def __post_init__(self):
+        if (self.bf16 or self.fp16) and not self.use_cpu and not _has_accelerator():
+            # transformers would stop with "Your setup doesn't support bf16/gpu": mixed precision on the CPU it is.
+            # fp16 there would silently be fp32 (accelerate has no CPU fp16 autocast or GradScaler): bf16 instead.
+            logger.warning("--%s without a GPU: training on the CPU (use_cpu=True)%s", "bf16" if self.bf16 else "fp16",
+                           "" if self.bf16 else " in bf16, the CPU's mixed precision")
+            self.use_cpu, self.bf16, self.fp16 = True, True, False
         super().__post_init__()
         check_literal(self.distill_loss, DistillKind, "distill_loss")
         check_literal(self.distill_feature_distance, FeatureDistance, "distill_feature_distance")
@@ -170,6 +187,17 @@ class ClipTrainingArguments(TrainingArguments):
                              "must be >= 0")
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+        if self.non_blocking_transfers and self.dataloader_pin_memory and hasattr(self.accelerator_config,
+                                                                                  "non_blocking"):
+            self.accelerator_config.non_blocking = True
+
+
+def _has_accelerator() -> bool:
+    """A device transformers runs mixed precision on besides the CPU (CUDA / ROCm, Apple MPS, Intel XPU)."""
+    import torch
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or bool(xpu is not None and xpu.is_available()))
 
 
 def as_argv(values: dict) -> list[str]:
@@ -183,13 +211,25 @@ def is_args_file(argv: list[str]) -> bool:
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, ClipTrainingArguments, bool]:
-    """-> (model, data, training arguments, is_default_run). Flags, or one arguments file. Without --train_file
+    """-> (model, data, training arguments, is_default_run). Flags, one arguments file, or the file then flags that
+    override it. Without --train_file
     the run is the embedded default run: DEFAULT_RUN first, the user's own values on top."""
     parser = HfArgumentParser((ModelArguments, DataArguments, ClipTrainingArguments))
     values = read_mapping_file(argv[0], "arguments file") if is_args_file(argv) else None
     if values is not None:
         default_run = not values.get("train_file") and not values.get("pretrained")
         return (*parser.parse_dict({**DEFAULT_RUN, **values} if default_run else values), default_run)
+    if argv and is_args_file(argv[:1]):  # `train.py args.yaml --resume_from_checkpoint latest`: flags on top
+        values = read_mapping_file(argv[0], "arguments file")
+        known = {f.name for cls in (ModelArguments, DataArguments, ClipTrainingArguments) for f in fields(cls)}
+        if set(values) - known:
+            raise ValueError(f"arguments file {argv[0]}: unknown key(s) {sorted(set(values) - known)}")
+        flags = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
+        default_run = not ({"--train_file", "--pretrained"} & flags or values.get("train_file")
+                           or values.get("pretrained"))
+        # DEFAULT_RUN (default run only) < the file < the flags after it
+        parser.set_defaults(**({**DEFAULT_RUN, **values} if default_run else values))
+        return (*parser.parse_args_into_dataclasses(args=argv[1:]), default_run)
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     default_run = "--train_file" not in given and "--pretrained" not in given
     # Defaults first: argparse keeps the last occurrence, so the user's own flags win.

@@ -43,11 +43,25 @@ class _FrozenStats:
         return super().train(False)
 
 
-_FROZEN_CLASSES: dict[type, type] = {}
+class FrozenStatsBatchNorm1d(_FrozenStats, nn.BatchNorm1d):
+    pass
+
+
+class FrozenStatsBatchNorm2d(_FrozenStats, nn.BatchNorm2d):
+    pass
+
+
+class FrozenStatsBatchNorm3d(_FrozenStats, nn.BatchNorm3d):
+    pass
+
+
+# Module-level classes, so a model holding them still pickles (torch.save(model), multiprocessing).
+_FROZEN_CLASSES: dict[type, type] = {nn.BatchNorm1d: FrozenStatsBatchNorm1d, nn.BatchNorm2d: FrozenStatsBatchNorm2d,
+                                     nn.BatchNorm3d: FrozenStatsBatchNorm3d}
 
 
 def _frozen_class(cls: type) -> type:
-    if cls not in _FROZEN_CLASSES:
+    if cls not in _FROZEN_CLASSES:  # another BatchNorm subclass (e.g. timm's): made once
         _FROZEN_CLASSES[cls] = type(f"FrozenStats{cls.__name__}", (_FrozenStats, cls), {})
     return _FROZEN_CLASSES[cls]
 

@@ -26,12 +26,13 @@ from miniclip.distributed import world_size
 from miniclip.data.captions import CaptionRecord
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
 from miniclip.files import atomic_write_text, save_safetensors
-from miniclip.loss import build_loss
-from miniclip.training.arguments import ClipTrainingArguments, LossKind
+from miniclip.loss import LossKind, build_loss
+from miniclip.training.arguments import ClipTrainingArguments
 
 __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
 from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
 from miniclip.training.locking import Locks, TwoStageCallback, apply_locks, frozen_batchnorms
+from miniclip.training.throughput import ThroughputMeter, TrainingFlops, peak_flops
 from miniclip.transforms import image_transform
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ DISTILL_HEAD = "distill_projection.safetensors"  # the feature loss's learnt pro
 # Parameters named like this never decay, whatever their shape: decaying an embedding table or the temperature
 # pulls them towards zero for no regularisation benefit (open_clip and Chinese-CLIP exclude them too).
 NO_DECAY_NAMES = frozenset({"logit_scale", "logit_bias", "token_embedding", "positional_embedding", "class_embedding",
-                            "word_embeddings", "position_embeddings", "token_type_embeddings"})
+                            "word_embeddings", "position_embeddings", "token_type_embeddings",
+                            "pos_embed", "cls_token", "dist_token", "reg_token"})  # timm's names (no_weight_decay())
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,6 +126,10 @@ class ClipTrainer(Trainer):
         # The dataloader yields all micro-batches of one cached-feature step at once: k * per-device batch.
         self._train_batch_size *= self.feature_accum_steps
         self.eval_transform = eval_transform or image_transform(model.config, train=False)
+        self._flops, self._throughput = None, ThroughputMeter()  # model FLOPs per step; samples/s and MFU logs
+        if self.args.fp16 and self.accelerator.scaler is None and self.args.device.type == "cpu":
+            raise ValueError("fp16=True on a CPU: accelerate then trains in fp32, without autocast or GradScaler. "
+                             "Fix: use --bf16 on a CPU, or fp16 on a GPU.")
         self.teacher = self.distill_loss = None
         if teacher is not None:
             self._set_teacher(teacher)
@@ -269,9 +275,32 @@ class ClipTrainer(Trainer):
         return self._weighted(contrastive, distill), 0.0
 
     def floating_point_ops(self, inputs) -> int:
-        """Not estimated: the Trainer's 6 * tokens * parameters rule is for language models (it reads `total_flos`
-        from this only for its logs)."""
-        return 0
+        """Model FLOPs (forward + backward) of this micro-batch, counted by throughput.TrainingFlops instead of
+        the Trainer's 6 * tokens * parameters rule for language models. The Trainer sums them into `total_flos`."""
+        if self._flops is None:
+            self._flops = TrainingFlops(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+        if not self._flops:
+            return 0
+        pixel_values, input_ids = inputs.get("pixel_values"), inputs.get("input_ids")
+        try:
+            per_sample = self._flops(tuple(pixel_values.shape[1:]) if pixel_values is not None else None,
+                                     input_ids.shape[1] if input_ids is not None else None)
+        except Exception as e:  # a tower FlopCounterMode cannot run on a copy: say so once, count nothing
+            logger.warning("model FLOPs are not counted for this model (total_flos stays 0, no MFU): %r", e)
+            self._flops = False
+            return 0
+        return per_sample * len(pixel_values if pixel_values is not None else input_ids)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also get samples_per_second, model_tflops_per_second and, when the device's peak is known
+        (throughput.peak_flops), mfu, each over the interval since the previous training log."""
+        if "loss" in logs:
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            peak = peak_flops(self.args.device, dtype)
+            samples = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            logs.update(self._throughput.measure(self.state.total_flos, self.state.global_step, samples,
+                                                 peak * self.args.world_size if peak else None, start_time))
+        super().log(logs, start_time)
 
     # --- optimizer ----------------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

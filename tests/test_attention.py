@@ -1,4 +1,4 @@
-"""fast.py: the batch-first attention block must compute open_clip's function (outputs and gradients), in fp32
+"""attention.py: the batch-first attention block must compute open_clip's function (outputs and gradients), in fp32
 exactly up to rounding and under bf16 autocast no worse than open_clip's own bf16 path."""
 import copy
 

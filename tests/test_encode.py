@@ -1,4 +1,4 @@
-"""evaluation.py against the model run by hand and metrics on hand-made embeddings; real image files, a real model."""
+"""evaluation/encode.py (Encoder) against the model run by hand and metrics on hand-made embeddings; real image files, a real model."""
 import json
 
 import numpy as np
@@ -8,8 +8,8 @@ from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer, image_transform
 from miniclip.data.captions import CaptionFileError, read_caption_file
-from miniclip.evaluation.encode import (UnreadableImageError, encode_images, encode_texts, evaluate_retrieval,
-                                 flatten_captions, open_image)
+from miniclip.evaluation.encode import Encoder, evaluate_retrieval, flatten_captions
+from miniclip.transforms import ImageDecodeError, load_image
 from miniclip.evaluation.metrics import retrieval_metrics
 
 
@@ -35,7 +35,7 @@ def test_encode_images_matches_model(tiny, tmp_path):
     model, _, transform = tiny
     paths = make_images(tmp_path, 5)
     model.train()
-    got = encode_images(model, paths, transform, batch_size=2, progress=False)
+    got = Encoder(model, transform, image_batch_size=2, progress=False).images(paths)
     assert model.training, "encode_images must restore the model's mode"
     model.eval()
     with torch.no_grad():
@@ -44,14 +44,14 @@ def test_encode_images_matches_model(tiny, tmp_path):
     assert got.shape == (5, model.config.embed_dim)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # PIL images are accepted as they are
-    pil = encode_images(model, [Image.open(p) for p in paths], transform, progress=False)
+    pil = Encoder(model, transform, progress=False).images([Image.open(p) for p in paths])
     torch.testing.assert_close(pil, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_encode_texts_matches_model_untrimmed(tiny):
     model, tokenizer, _ = tiny
     texts = ["a dog", "two brown dogs wrestle in the snow .", "x", "a photo of a very long " + "word " * 100]
-    got = encode_texts(model, texts, tokenizer, batch_size=3, progress=False)
+    got = Encoder(model, tokenizer=tokenizer, text_batch_size=3, progress=False).texts(texts)
     model.eval()
     with torch.no_grad():
         expected = model.encode_text(tokenizer(texts)["input_ids"], normalize=True)  # full 77 columns
@@ -63,7 +63,7 @@ def test_encode_texts_bert_matches_model():
     model = MiniClip("tiny-chinese-vit").eval()
     tokenizer = get_tokenizer(model.config)
     texts = ["一只狗", "两只棕色的狗在雪地里玩耍", "猫"]
-    got = encode_texts(model, texts, tokenizer, batch_size=2, progress=False)
+    got = Encoder(model, tokenizer=tokenizer, text_batch_size=2, progress=False).texts(texts)
     with torch.no_grad():
         tokens = tokenizer(texts)
         expected = model.encode_text(tokens["input_ids"], tokens["attention_mask"], normalize=True)
@@ -73,8 +73,8 @@ def test_encode_texts_bert_matches_model():
 def test_bf16_autocast_close_to_fp32(tiny):
     model, tokenizer, _ = tiny
     texts = ["a dog", "a cat on a mat"]
-    fp32 = encode_texts(model, texts, tokenizer, progress=False)
-    bf16 = encode_texts(model, texts, tokenizer, dtype=torch.bfloat16, progress=False)
+    fp32 = Encoder(model, tokenizer=tokenizer, progress=False).texts(texts)
+    bf16 = Encoder(model, tokenizer=tokenizer, dtype=torch.bfloat16, progress=False).texts(texts)
     assert bf16.dtype == torch.float32
     assert (fp32 - bf16).abs().max() < 0.05
     assert not torch.equal(fp32, bf16)  # autocast really ran in bf16
@@ -82,10 +82,10 @@ def test_bf16_autocast_close_to_fp32(tiny):
 
 def test_jpeg_draft_decode_close_to_full(tmp_path):
     (path,) = make_images(tmp_path, 1, size=(640, 480), fmt="JPEG")
-    small = open_image(path, min_size=64)
+    small = load_image(path, draft_size=64)
     assert min(small.size) >= 64 and small.size[0] < 640  # decoded at 1/4 or 1/8 scale
     full = Image.open(path).convert("RGB")
-    assert open_image(path).size == full.size
+    assert load_image(path).size == full.size
 
 
 def test_evaluate_retrieval_equals_metrics_on_encodings(tiny, tmp_path):
@@ -97,9 +97,9 @@ def test_evaluate_retrieval_equals_metrics_on_encodings(tiny, tmp_path):
     records = read_caption_file(tmp_path / "val.json")
     texts, text_to_image = flatten_captions(records)
     assert text_to_image.tolist() == [0, 1, 1, 2, 3, 3]
-    got = evaluate_retrieval(model, records, tokenizer, transform, batch_size=3, progress=False)
-    expected = retrieval_metrics(encode_images(model, paths, transform, progress=False),
-                                 encode_texts(model, texts, tokenizer, progress=False), text_to_image)
+    got = evaluate_retrieval(Encoder(model, transform, tokenizer, image_batch_size=3, progress=False), records)
+    encoder = Encoder(model, transform, tokenizer, progress=False)
+    expected = retrieval_metrics(encoder.images(paths), encoder.texts(texts), text_to_image)
     assert got == pytest.approx(expected)
     assert set(got) == {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10",
                         "t2i_median_rank", "i2t_median_rank", "mean_recall"}
@@ -109,8 +109,8 @@ def test_unreadable_image_names_file(tiny, tmp_path):
     model, _, transform = tiny
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    with pytest.raises(UnreadableImageError, match="broken.jpg"):
-        encode_images(model, [bad], transform, progress=False)
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        Encoder(model, transform, progress=False).images([bad])
 
 
 def test_caption_file_without_captions_errors(tmp_path):

@@ -1,11 +1,8 @@
 """test.py (the evaluation script) end to end: its entry point on a tiny random model, real files made here,
 numbers checked against the library functions and the model run by hand."""
-import importlib.util
 import json
 import logging
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +11,11 @@ from PIL import Image
 
 from miniclip import MiniClip, get_tokenizer, image_transform
 from miniclip.data.captions import CaptionFileError, read_caption_file
-from miniclip.evaluation.encode import encode_images, evaluate_retrieval, flatten_captions
+from miniclip.evaluation.encode import Encoder, evaluate_retrieval, flatten_captions
 from miniclip.evaluation.feature_cache import FeatureCacheError
 from miniclip.evaluation.metrics import first_caption_indices, first_caption_retrieval
 
-REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("miniclip_test_script", REPO / "test.py")
-script = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = script  # dataclasses look their module up there
-spec.loader.exec_module(script)
+from miniclip.apps import evaluate as script  # what test.py runs
 
 
 def tiny_model(seed=0):
@@ -63,7 +56,7 @@ def test_eval_file_prints_both_directions_and_tutorial_protocol(tmp_path, captio
     out = capsys.readouterr().out
     model, tokenizer, transform = tiny_model()
     records = read_caption_file(caption_set)
-    expected = evaluate_retrieval(model, records, tokenizer, transform, progress=False)
+    expected = evaluate_retrieval(Encoder(model, transform, tokenizer, progress=False), records)
     assert {k: results["retrieval"][k] for k in expected} == pytest.approx(expected, abs=1e-6)
     assert "7 images, 10 captions" in out
     for direction, key in (("text->image", "t2i"), ("image->text", "i2t")):
@@ -75,10 +68,9 @@ def test_eval_file_prints_both_directions_and_tutorial_protocol(tmp_path, captio
     # The tutorial's protocol: the first caption of each image as the query.
     texts, text_to_image = flatten_captions(records)
     first = first_caption_indices(text_to_image)
-    image_embeds = encode_images(model, [r.image for r in records], transform, progress=False)
-    from miniclip.evaluation.encode import encode_texts
-    protocol = first_caption_retrieval(image_embeds, encode_texts(model, [texts[i] for i in first], tokenizer,
-                                                                  progress=False))
+    encoder = Encoder(model, transform, tokenizer, progress=False)
+    image_embeds = encoder.images([r.image for r in records])
+    protocol = first_caption_retrieval(image_embeds, encoder.texts([texts[i] for i in first]))
     assert {k: results["retrieval"][k] for k in protocol} == pytest.approx(protocol, abs=1e-6)
     assert "Tutorial protocol (first caption per image, text->image): top-1" in out
     assert_png(tmp_path / "out" / "retrieval_grid.png")
@@ -161,8 +153,8 @@ def test_feature_cache_reuse_and_other_model(tmp_path, caption_set, caplog):
     other = run(tmp_path, "--eval_file", caption_set, "--save_features", feats, "--seed", 1,
                 "--overwrite_features")["retrieval"]
     model, tokenizer, transform = tiny_model(seed=1)
-    assert other["mean_recall"] == pytest.approx(evaluate_retrieval(model, read_caption_file(caption_set), tokenizer,
-                                                                    transform, progress=False)["mean_recall"])
+    assert other["mean_recall"] == pytest.approx(evaluate_retrieval(Encoder(model, transform, tokenizer, progress=False),
+                                                                    read_caption_file(caption_set))["mean_recall"])
     assert run(tmp_path, "--eval_file", caption_set, "--save_features", feats, "--seed", 1)["retrieval"] == other
 
 

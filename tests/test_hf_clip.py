@@ -185,7 +185,7 @@ def test_bad_hf_config_is_refused(changes, message):
 
 
 def test_wrong_model_type_and_unexportable_models_are_refused():
-    with pytest.raises(ValueError, match="model_type='chinese_clip'.*convert_chinese"):
+    with pytest.raises(ValueError, match="model_type='chinese_clip'.*chinese_clip"):
         hf_clip_to_miniclip({}, {"model_type": "chinese_clip"})
     resnet = load_model_config("tiny-resnet")
     with pytest.raises(ValueError, match="no ResNet image tower"):
@@ -208,8 +208,8 @@ def test_load_pretrained_reads_hf_clip_folder(tmp_path, legacy_bin, with_config)
     config = tiny_config(quick_gelu=True)
     hf_model = hf_folder(tmp_path, config, legacy_bin=legacy_bin)
     model = load_pretrained(tmp_path, config=config if with_config else None)
-    assert model.load_info["layout"] == "hf_clip"
-    assert model.load_info["ignored"] == (["text_model.embeddings.position_ids",
+    assert model.load_info.layout == "hf_clip"
+    assert model.load_info.ignored == (["text_model.embeddings.position_ids",
                                            "vision_model.embeddings.position_ids"] if legacy_bin else [])
     assert model.config.quick_gelu
     assert_same_embeddings(hf_model, model, config)

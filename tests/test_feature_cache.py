@@ -1,4 +1,4 @@
-"""features.py: the cache round trip on real files, its key (model content, data), and its refusals."""
+"""evaluation/feature_cache.py: the cache round trip on real files, its key (model content, data), and its refusals."""
 import json
 
 import pytest

@@ -1,3 +1,4 @@
+"""data/dataset.py: ClipDataset (decode, caption choice, augmentation seeds), ClipCollator, splits, on real image files."""
 import json
 import logging
 
@@ -9,10 +10,9 @@ from torch.utils.data import DataLoader
 
 from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.config import load_model_config
-from miniclip.data.dataset import (ClipCollator, ClipDataset, EpochCallback, ImageDecodeError, build_dataset, caption_choice,
-                           load_image, split_records, trim_tokens)
+from miniclip.data.dataset import ClipCollator, ClipDataset, EpochCallback, build_dataset, caption_choice, split_records
 from miniclip.tokenizer import get_tokenizer
-from miniclip.transforms import image_transform
+from miniclip.transforms import ImageDecodeError, image_transform, load_image
 
 CONFIG = load_model_config("tiny-vit")
 

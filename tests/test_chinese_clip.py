@@ -15,7 +15,7 @@ from miniclip.checkpoints.chinese_clip import (cn_clip_to_miniclip, hf_chinese_c
                                       hf_chinese_clip_to_miniclip, miniclip_config_to_hf_chinese_clip,
                                       miniclip_to_hf_chinese_clip)
 from miniclip.model import MiniClip
-from test_convert_hf import features, perturb_
+from test_hf_clip import features, perturb_
 
 CLS, SEP = 101, 102  # BERT's [CLS] / [SEP] ids in Chinese-CLIP's vocab.txt; [PAD] is 0
 
@@ -215,8 +215,8 @@ def test_load_pretrained_reads_cn_clip_file(tmp_path, flash):
         checkpoint["state_dict"] = convert_state_dict(checkpoint["state_dict"])
         torch.save(checkpoint, tmp_path / "epoch3.pt")
     model = load_pretrained(tmp_path / "epoch3.pt")
-    assert model.load_info["layout"] == "cn_clip"
-    assert model.load_info["ignored"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    assert model.load_info.layout == "cn_clip"
+    assert model.load_info.ignored == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
     pixel_values, input_ids, _ = bert_inputs(config)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(pixel_values), reference.encode_image(pixel_values),
@@ -229,7 +229,7 @@ def test_load_pretrained_and_save_hf_chinese_clip(tmp_path):
     config = tiny()
     hf_model = hf_chinese_folder(tmp_path / "hf", config, legacy_bin=True)
     model = load_pretrained(tmp_path / "hf")
-    assert model.load_info["layout"] == "hf_chinese_clip" and model.config.to_dict() == config.to_dict()
+    assert model.load_info.layout == "hf_chinese_clip" and model.config.to_dict() == config.to_dict()
     assert_same_as_hf(hf_model, model, config)
     save_pretrained(model, tmp_path / "out", format="hf")
     exported, info = ChineseCLIPModel.from_pretrained(tmp_path / "out", output_loading_info=True)
