@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -101,7 +102,9 @@ def _export(module: nn.Module, args: tuple, input_names: list[str], output: str,
     """torch.onnx.export with the dynamo exporter -> the opset used. Its progress prints go to the debug log."""
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            # input_ids and attention_mask share their batch / length dims on purpose; torch says so each time
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
             program = torch.onnx.export(module.eval(), args, None, input_names=input_names, output_names=[output],
                                         dynamic_shapes=dynamic, dynamo=True)
         atomic_write(path, lambda tmp: program.save(str(tmp), external_data=external))
