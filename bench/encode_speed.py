@@ -105,7 +105,8 @@ def export_for_onnxruntime(args, directory: str) -> None:
     from miniclip.model import MiniClip
     from miniclip.serving.onnx import export_onnx
     torch.manual_seed(0)
-    variants = sorted({"fp32", *(ONNX_IMPLS[i] for i in args.impls if i in ONNX_IMPLS)}, key=["fp32", "fp16", "int8"].index)
+    wanted = {"fp32", *(ONNX_IMPLS[i] for i in args.impls if i in ONNX_IMPLS)}
+    variants = [v for v in ("fp32", "fp16", "int8") if v in wanted]
     export_onnx(MiniClip(args.config).eval(), directory, variants=variants)
 
 

@@ -182,3 +182,9 @@ def test_the_pages_own_uploads_are_served(demo):
     uploaded = json.loads(answer)[0]
     status, served = page.get(file_url(uploaded))
     assert status == 200 and served == content
+
+
+def test_only_loopback_hosts_count_as_private():
+    from miniclip.apps.demo import is_loopback
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.1.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.20", "example.org"]))

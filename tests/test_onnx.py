@@ -25,7 +25,7 @@ FAMILIES = ["tiny-vit", "tiny-resnet", "tiny-chinese-vit"]
 # A caption that fills the context exactly: CLIP BPE <sot> + 75 x "a" + <eot> = 77; BERT [CLS] + 50 x 狗 + [SEP] = 52.
 FULL = {"transformer": "a " * 75, "bert": "狗" * 50}
 FP32_ATOL = 1e-4
-FP16_MIN_COSINE, INT8_MIN_COSINE = 0.9999, 0.99  # measured on these models: >= 0.999999 and >= 0.998 (tests/)
+FP16_MIN_COSINE, INT8_MIN_COSINE = 0.9999, 0.99  # measured on these models: >= 0.999999 and >= 0.998
 
 
 def text_batches(model):
@@ -126,7 +126,8 @@ def test_exporting_what_is_not_a_miniclip_states_why(tmp_path):
     import open_clip
     torch.manual_seed(0)
     other = open_clip.model.CLIP(**MiniClip("tiny-vit").config.open_clip_cfg())
-    with pytest.raises(OnnxExportError, match=r"exports a miniclip.MiniClip, got open_clip.model.CLIP\. Load .*from_pretrained"):
+    with pytest.raises(OnnxExportError,
+                       match=r"exports a miniclip.MiniClip, got open_clip.model.CLIP\. Load .*from_pretrained"):
         export_onnx(other, tmp_path)
     with pytest.raises(ValueError, match=r"variant='int4' is not one of \['fp32', 'fp16', 'int8'\]"):
         export_onnx(MiniClip("tiny-vit"), tmp_path, variants=("fp32", "int4"))
@@ -149,7 +150,8 @@ class DataDependentTower(nn.Module):
 def test_an_untraceable_tower_states_why(tmp_path):
     model = MiniClip("tiny-vit").eval()
     model.image_encoder = DataDependentTower(model.config.embed_dim)
-    with pytest.raises(OnnxExportError, match=r"could not export image_encoder.onnx: .* must be traceable by torch.export"):
+    with pytest.raises(OnnxExportError,
+                       match=r"could not export image_encoder.onnx: .* must be traceable by torch.export"):
         export_onnx(model, tmp_path / "out", variants=("fp32",))
     assert not (tmp_path / "out" / "image_encoder.onnx").exists()
 

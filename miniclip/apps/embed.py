@@ -46,7 +46,8 @@ class EmbedArguments:
         "help": "Folder of images (searched recursively), or a caption file whose images to embed"})
     captions: str | None = field(default=None, metadata={
         "help": "Text file with one caption a line (blank lines skipped), or a caption file (JSON / JSONL / CSV)"})
-    image_root: str | None = field(default=None, metadata={"help": "Folder a caption file's image paths are relative to"})
+    image_root: str | None = field(default=None, metadata={
+        "help": "Folder a caption file's image paths are relative to (default: the caption file's folder)"})
     runtime: str = field(default="torch", metadata={"help": "torch (the PyTorch model) or onnx (the exported graphs)"})
     onnx_variant: str = field(default="fp32", metadata={"help": "With --runtime onnx: fp32, fp16 or int8 graphs"})
     precision: str = field(default="fp32", metadata={"help": "With --runtime torch: fp32, or bf16 autocast"})
@@ -85,7 +86,11 @@ def read_captions(path: str | Path, image_root: str | None = None) -> list[str]:
 def load_encoder(args: EmbedArguments) -> tuple[Encoder, str]:
     """The Encoder for the chosen runtime, and a fingerprint of the weights it runs (for resuming)."""
     if args.runtime == "onnx":
-        from miniclip.serving.onnx import graph_file, onnx_encoder
+        from miniclip.serving.onnx import graph_file, onnx_encoder, require_onnx
+        try:
+            require_onnx()
+        except ImportError as e:
+            raise SystemExit(str(e)) from None
         encoder = onnx_encoder(args.checkpoint, args.onnx_variant, image_batch_size=args.batch_size,
                                text_batch_size=4 * args.batch_size, progress=False)
         graphs = [Path(args.checkpoint) / graph_file(t, args.onnx_variant) for t in ("image", "text")]

@@ -15,7 +15,7 @@ from miniclip.checkpoints.layouts import ExportFormat
 from miniclip.checkpoints.loading import load_model_and_tokenizer
 from miniclip.checkpoints.saving import save_pretrained
 from miniclip.config import check_literal
-from miniclip.serving.onnx import INSTALL_HINT, ONNX_CONFIG, VARIANTS, Variant, read_onnx_config
+from miniclip.serving.onnx import ONNX_CONFIG, VARIANTS, Variant, read_onnx_config, require_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_dataclass(ExportArguments, argv, description=__doc__.split("\n\n")[0])
     if args.format == "onnx":
         try:
-            import onnx, onnxruntime, onnxscript  # noqa: F401, E401  (fail before the slow model load)
-        except ImportError:
-            raise SystemExit(INSTALL_HINT) from None
+            require_onnx()  # fail before the slow model load
+        except ImportError as e:
+            raise SystemExit(str(e)) from None
     model, tokenizer = load_model_and_tokenizer(args.checkpoint)
     out = save_pretrained(model, args.output_dir, format=args.format, tokenizer=tokenizer,
                           onnx_variants=tuple(args.variants))

@@ -38,7 +38,8 @@ BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"  # open_clip's CLIP BPE merges, copie
 FORMAT_VERSION = 1
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps a file at 2 GiB: bigger towers keep weights in a .data file
 FP32_MIN_COSINE = 1 - 1e-5  # an fp32 graph further from PyTorch than this is an exporter bug, not rounding
-INSTALL_HINT = "ONNX export / runtime needs the optional `serve` extra: pip install -e '.[serve]' (onnx, onnxruntime, onnxscript)"
+INSTALL_HINT = ("ONNX export / runtime needs the optional `serve` extra: pip install -e '.[serve]' "
+                "(onnx, onnxruntime, onnxscript)")
 PROBE_CAPTIONS = ("", "a photo of a dog", " ".join(["a small red bird sits on a branch"] * 20))  # empty .. > context
 
 
@@ -55,7 +56,8 @@ def graph_file(tower: str, variant: str) -> str:
     return f"{tower}_encoder.onnx" if variant == "fp32" else f"{tower}_encoder.{variant}.onnx"
 
 
-def _import_onnx():
+def require_onnx():
+    """(onnx, onnxruntime), or ImportError saying how to install them."""
     try:
         import onnx
         import onnxruntime
@@ -138,7 +140,7 @@ def _errors(out, ref: torch.Tensor) -> dict:
 
 def _measure(directory: Path, variant: str, model: MiniClip, probe, text_inputs: list[str]) -> dict:
     """Error of one variant's graphs against PyTorch fp32 on the probe inputs."""
-    _, ort = _import_onnx()
+    _, ort = require_onnx()
     pixel_values, texts = probe
     image = _session(directory / graph_file("image", variant), ort)
     text = _session(directory / graph_file("text", variant), ort)
@@ -154,7 +156,7 @@ def _measure(directory: Path, variant: str, model: MiniClip, probe, text_inputs:
 def _derive(directory: Path, variant: str, tower: str, external: bool) -> None:
     """fp16 (weights and compute, fp32 inputs / outputs kept) or int8 (dynamic quantization: int8 weights,
     activations quantized per batch at run time) from the fp32 graph; onnxruntime's own converters."""
-    onnx, _ = _import_onnx()
+    onnx, _ = require_onnx()
     source, target = directory / graph_file(tower, "fp32"), directory / graph_file(tower, variant)
     if variant == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -188,13 +190,14 @@ def export_onnx(model: MiniClip, output_dir: str | Path, variants: Sequence[str]
     embeddings as `encode_image` / `encode_text` give them (not normalised), and `onnx_config.json` (preprocessing,
     tokenizer, logit_scale, each variant's measured error). Returns that config. `save_pretrained(format="onnx")`
     calls this and adds the tokenizer files."""
-    _import_onnx()
+    require_onnx()
     for variant in variants:
         check_literal(variant, Variant, "variant")
     if "fp32" not in variants:
         raise ValueError(f"variants={list(variants)} must include 'fp32': fp16 and int8 are derived from it")
     model, output_dir = _exportable(model), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / ONNX_CONFIG).unlink(missing_ok=True)  # written last: a folder with it holds one complete export
     config, bert = model.config, model.config.text_cfg.tower == "bert"
     tokenizer = tokenizer or get_tokenizer(config, checkpoint_dir=model.checkpoint_dir)
     external = sum(p.numel() * 4 for p in model.parameters()) > EXTERNAL_DATA_BYTES
@@ -233,7 +236,7 @@ def _check_fp32(measured: dict) -> None:
     if worst < FP32_MIN_COSINE:
         raise OnnxExportError(f"the exported fp32 graphs disagree with PyTorch (min cosine {worst:.6f}, max |err| "
                               f"{max(measured['image_max_abs_error'], measured['text_max_abs_error']):.3g}): "
-                              "not written as usable. Please report it with the model config.")
+                              f"{ONNX_CONFIG} not written. Please report it with the model config.")
 
 
 def _describe(model: MiniClip, tokenizer, text_inputs: list[str], opset: int, measured: dict) -> dict:
@@ -297,7 +300,7 @@ class OnnxClip:
 
     def __init__(self, directory: str | Path, variant: str = "fp32", threads: int | None = None):
         check_literal(variant, Variant, "variant")
-        _, ort = _import_onnx()
+        _, ort = require_onnx()
         self.directory, self.variant = Path(directory), variant
         self.onnx_config = read_onnx_config(self.directory)
         if variant not in self.onnx_config["variants"]:
@@ -307,7 +310,9 @@ class OnnxClip:
         self.image_session = _session(self.directory / graph_file("image", variant), ort, threads)
         self.text_session = _session(self.directory / graph_file("text", variant), ort, threads)
         self.text_inputs = [i.name for i in self.text_session.get_inputs()]
-        for session, expected in ((self.image_session, ["pixel_values"]), (self.text_session, self.onnx_config["text"]["inputs"])):
+        expected_inputs = [(self.image_session, ["pixel_values"]),
+                           (self.text_session, self.onnx_config["text"]["inputs"])]
+        for session, expected in expected_inputs:
             names = [i.name for i in session.get_inputs()]
             if names != expected:
                 raise OnnxGraphError(f"{self.directory}: a graph takes inputs {names}, {ONNX_CONFIG} says {expected}: "
@@ -337,8 +342,8 @@ class OnnxClip:
 
 def onnx_encoder(directory: str | Path, variant: str = "fp32", threads: int | None = None, **encoder_args) -> Encoder:
     """An `Encoder` over the exported graphs, with the image transform and tokenizer the folder describes."""
-    model = OnnxClip(directory, variant, threads)
     if encoder_args.get("dtype") not in (None, torch.float32):
         raise ValueError(f"dtype={encoder_args['dtype']} does not apply to ONNX graphs: pick variant='fp16' or 'int8'")
+    model = OnnxClip(directory, variant, threads)
     return Encoder(model, image_transform(model.config), get_tokenizer(model.config, checkpoint_dir=directory),
                    device="cpu", **encoder_args)
