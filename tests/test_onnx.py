@@ -177,3 +177,19 @@ def test_a_folder_that_is_not_an_export_says_so(onnx_export, tmp_path):
     (partial / "image_encoder.int8.onnx").unlink()
     with pytest.raises(OnnxGraphError, match="ONNX graph not found: .*image_encoder.int8.onnx"):
         OnnxClip(partial, "int8")
+
+
+def test_towers_over_the_protobuf_limit_keep_weights_beside_the_graph(tmp_path, monkeypatch):
+    """Towers above EXTERNAL_DATA_BYTES (ViT-L and up) are written as `<graph>.onnx` + `<graph>.onnx.data`; the
+    threshold is lowered here so a tiny model takes that path."""
+    import miniclip.serving.onnx as serving_onnx
+    monkeypatch.setattr(serving_onnx, "EXTERNAL_DATA_BYTES", 0)
+    torch.manual_seed(0)
+    model = MiniClip("tiny-vit").eval()
+    export_onnx(model, tmp_path, variants=("fp32", "fp16"))
+    assert sorted(p.name for p in tmp_path.glob("*.data")) == [
+        "image_encoder.fp16.onnx.data", "image_encoder.onnx.data", "text_encoder.fp16.onnx.data", "text_encoder.onnx.data"]
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(OnnxClip(tmp_path).encode_image(pixel_values), model.encode_image(pixel_values),
+                                   atol=FP32_ATOL, rtol=0)

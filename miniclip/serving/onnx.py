@@ -109,7 +109,7 @@ def _export(module: nn.Module, args: tuple, input_names: list[str], output: str,
             warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
             program = torch.onnx.export(module.eval(), args, None, input_names=input_names, output_names=[output],
                                         dynamic_shapes=dynamic, dynamo=True)
-        atomic_write(path, lambda tmp: program.save(str(tmp), external_data=external))
+        _write(path, lambda file: program.save(str(file), external_data=external), external)
     except Exception as e:  # torch.export / onnxscript raise many types; the first line says which op or guard
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise OnnxExportError(f"torch.onnx (dynamo) could not export {path.name}: {type(e).__name__}: {first}. "
@@ -117,6 +117,15 @@ def _export(module: nn.Module, args: tuple, input_names: list[str], output: str,
                               "modified tower must be traceable by torch.export.") from None
     logger.debug("%s", printed.getvalue())
     return max(program.model.opset_imports.values())
+
+
+def _write(path: Path, write, external: bool) -> None:
+    """Atomically, except for graphs with external weights: those name their `<file>.data` after the file they are
+    written to, so they are written under the final name (onnx_config.json, written last, marks them complete)."""
+    if external:
+        write(path)
+    else:
+        atomic_write(path, write)
 
 
 def _probe_inputs(model: MiniClip, tokenizer) -> tuple[torch.Tensor, list[dict]]:
@@ -161,7 +170,8 @@ def _derive(directory: Path, variant: str, tower: str, external: bool) -> None:
     if variant == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
         graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-        atomic_write(target, lambda tmp: onnx.save(graph, str(tmp), save_as_external_data=external))
+        external_args = {"save_as_external_data": True, "location": target.name + ".data"} if external else {}
+        _write(target, lambda file: onnx.save(graph, str(file), **external_args), external)
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         # quantize_dynamic logs (root logger) a hint to run its pre-processing; that pass targets static,
@@ -169,8 +179,8 @@ def _derive(directory: Path, variant: str, tower: str, external: bool) -> None:
         hint = _DropMessage("pre-processing before quantization")
         logging.getLogger().addFilter(hint)
         try:
-            atomic_write(target, lambda tmp: quantize_dynamic(source, tmp, weight_type=QuantType.QInt8,
-                                                              use_external_data_format=external))
+            _write(target, lambda file: quantize_dynamic(source, file, weight_type=QuantType.QInt8,
+                                                         use_external_data_format=external), external)
         finally:
             logging.getLogger().removeFilter(hint)
 
