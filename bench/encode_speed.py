@@ -4,7 +4,10 @@ The model part of evaluation, on ready tensors (decoding is data_speed.py's job)
   miniclip      eval mode, torch.inference_mode, autocast at the precision, captions trimmed to the batch's
                 longest (what evaluation.encode_images / encode_texts do);
   open_clip     eval mode, torch.no_grad + autocast (open_clip's zero-shot / retrieval evaluation), text at 77;
-  transformers  CLIPModel.get_image_features / get_text_features under no_grad, padding to the longest caption.
+  transformers  CLIPModel.get_image_features / get_text_features under no_grad, padding to the longest caption;
+  onnxruntime   the same random-init model exported by miniclip.serving.onnx (once, before timing), run by
+                onnxruntime's CPU provider with the same thread count, captions trimmed as miniclip's
+                (fp32 precision only; onnxruntime-fp16 / onnxruntime-int8 are the exported variants).
 Ablation (--ablations): miniclip+bf16w, the model's weights cast to bf16 (no per-call weight casts) for bf16.
 Batches: 64 images, 256 captions (evaluation.py's defaults). The full wall time of evaluation on Flickr8k
 (decoding, metrics, plots) is bench/eval_speed.py.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (bench_main, captions, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
                           run_worker, spread)
 
-IMPLS = ("miniclip", "open_clip", "transformers")
+IMPLS = ("miniclip", "open_clip", "transformers", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
+ONNX_IMPLS = {"onnxruntime": "fp32", "onnxruntime-fp16": "fp16", "onnxruntime-int8": "int8"}  # impl -> variant
 ABLATIONS = ("miniclip+bf16w",)
 
 
@@ -54,6 +59,12 @@ def build(impl: str, config, device):
         ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
         return (model, lambda x: model.get_image_features(pixel_values=x),
                 lambda: model.get_text_features(input_ids=ids, attention_mask=mask), torch.no_grad)
+    if base in ONNX_IMPLS:
+        from miniclip.serving.onnx import OnnxClip
+        served = OnnxClip(build.onnx_dir, ONNX_IMPLS[base], threads=build.threads)
+        text = trim_tokens(tokenizer(captions(256)))
+        return (served, served.encode_image, lambda: served.encode_text(text["input_ids"], text["attention_mask"]),
+                torch.inference_mode)
     raise ValueError(f"unknown implementation {impl!r}; valid: {IMPLS + ABLATIONS}")
 
 
@@ -64,8 +75,10 @@ def worker(impl: str, precision: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = load_model_config(args.config)
+    build.onnx_dir, build.threads = args.onnx_dir, args.threads
     model, encode_images, encode_texts, no_grad = build(impl, config, device)
-    model.to(device).eval()
+    if impl not in ONNX_IMPLS:
+        model.to(device).eval()
     size = config.vision_cfg.image_size
     pixel_values = torch.randn(args.image_batch, 3, size, size).to(device)  # (64, 3, S, S)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -86,12 +99,31 @@ def worker(impl: str, precision: str, args) -> dict:
     return {**rates, "peak_mb": peak}
 
 
+def export_for_onnxruntime(args, directory: str) -> None:
+    """The random-init model every worker builds (seed 0), exported once with the variants asked for."""
+    import torch
+    from miniclip.model import MiniClip
+    from miniclip.serving.onnx import export_onnx
+    torch.manual_seed(0)
+    wanted = {"fp32", *(ONNX_IMPLS[i] for i in args.impls if i in ONNX_IMPLS)}
+    variants = [v for v in ("fp32", "fp16", "int8") if v in wanted]
+    export_onnx(MiniClip(args.config).eval(), directory, variants=variants)
+
+
 def measure_all(args, script=Path(__file__)) -> dict:
+    import tempfile
     impls = list(args.impls) + (list(ABLATIONS) if args.ablations else [])
-    jobs = [(i, p) for p in args.precisions for i in impls if not (i.endswith("+bf16w") and p != "bf16")]
+    jobs = [(i, p) for p in args.precisions for i in impls
+            if not (i.endswith("+bf16w") and p != "bf16") and not (i in ONNX_IMPLS and p != "fp32")]
+    onnx_dir = tempfile.mkdtemp(prefix="encode-speed-onnx-")
+    if any(i in ONNX_IMPLS for i, _ in jobs):
+        export_for_onnxruntime(args, onnx_dir)
     common = ["--config", args.config, "--batches", str(args.batches), "--threads", str(args.threads),
-              "--device", args.device, "--image-batch", str(args.image_batch)]
-    return interleave(jobs, args.reps, lambda job, rep: run_worker(script, ["--worker", *job, *common], args.threads))
+              "--device", args.device, "--image-batch", str(args.image_batch), "--onnx-dir", onnx_dir]
+    try:
+        return interleave(jobs, args.reps, lambda job, rep: run_worker(script, ["--worker", *job, *common], args.threads))
+    finally:
+        shutil.rmtree(onnx_dir, ignore_errors=True)
 
 
 def table(results: dict, args) -> str:
@@ -121,6 +153,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), help=f"any of {IMPLS + ABLATIONS}")
     p.add_argument("--ablations", action="store_true", help=f"also run {ABLATIONS}")
+    p.add_argument("--onnx-dir", help=argparse.SUPPRESS)  # set by measure_all for the onnxruntime workers
 
 
 def main():

@@ -241,6 +241,7 @@ class MiniClip(nn.Module):
         return load_pretrained(name_or_path, config=config, format=format, **kwargs)
 
     def save_pretrained(self, output_dir, format: str = "miniclip", tokenizer=None):
-        """Write this model as a miniclip / Hugging Face ("hf") / open_clip folder; see `checkpoints.saving.save_pretrained`."""
+        """Write this model as a miniclip / Hugging Face ("hf") / open_clip / "onnx" folder; see
+        `checkpoints.saving.save_pretrained`."""
         from miniclip.checkpoints.saving import save_pretrained  # the documented cycle
         return save_pretrained(self, output_dir, format=format, tokenizer=tokenizer)

@@ -58,3 +58,23 @@ def reference_to_miniclip(state_dict: dict) -> dict:
         else:
             out["text_encoder." + key] = value
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory):
+    """`onnx_export(name) -> (model, miniclip checkpoint dir, ONNX dir)`: a seeded tiny model, saved, and its ONNX
+    export (all variants) made once per test session by `python -m miniclip.apps.export` (test_onnx, test_embed)."""
+    from miniclip.apps.export import main as export_main
+    from miniclip.model import MiniClip
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            torch.manual_seed(0)
+            model = MiniClip(name).eval()
+            root = tmp_path_factory.mktemp(f"onnx-{name}")
+            model.save_pretrained(root / "checkpoint")
+            export_main(["--checkpoint", str(root / "checkpoint"), "--output_dir", str(root / "onnx")])
+            made[name] = (model, root / "checkpoint", root / "onnx")
+        return made[name]
+    return get

@@ -3,13 +3,19 @@ the model's own tokenizer) or upload an image, and see the top-k most similar im
 
     python -m miniclip.apps.demo --checkpoint TinyCLIP-ViT-40M-32-Text-19M-LAION400M --data en_val.json --port 7860
 
-Leaves out on purpose: share links, login, and more than one model per process (one model, one index).
+The page serves only what it indexed: a result image is copied into a private folder the first time it is shown, and
+Gradio (uploads and cache in that folder, no `allowed_paths`) serves nothing else; tests/test_demo_http.py checks it
+over HTTP. Leaves out on purpose: share links, login, and more than one model per process (one model, one index).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import ipaddress
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +25,7 @@ import torch
 from miniclip.checkpoints.loading import load_model_and_tokenizer
 from miniclip.evaluation.encode import Encoder
 from miniclip.apps.cli import parse_dataclass, run_cli
-from miniclip.files import cache_dir as cache_dir_for
+from miniclip.files import atomic_write, cache_dir as cache_dir_for
 from miniclip.apps.search_index import SearchIndex, build_index, read_image_set
 from miniclip.transforms import ImageDecodeError, image_transform, load_image
 
@@ -65,11 +71,46 @@ def _long_twin(tokenizer):
     return dataclasses.replace(tokenizer, context_length=4 * MAX_QUERY_CHARS + 2)
 
 
-class Searcher:
-    """The loaded model, tokenizer and index, and the two searches the page calls: the app's only state."""
+class ServedImages:
+    """What the page hands to Gradio for result `row`: a copy of that indexed image in `folder` (made when first
+    shown), so the image folders themselves are never exposed; a notes file or a key next to the photos stays put."""
 
-    def __init__(self, encoder: Encoder, index: SearchIndex):
+    def __init__(self, images: list[Path], folder: Path):
+        self.images, self.folder = images, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, row: int) -> str:
+        source = self.images[row]
+        target = self.folder / f"{row:07d}-{source.name}"
+        if not target.is_file():
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        return str(target)
+
+
+def private_gradio_folder() -> Path:
+    """A fresh folder for Gradio's uploads and cache (GRADIO_TEMP_DIR, shared by every Gradio app on the machine by
+    default, and served by each of them), removed at exit. Must be set before the app is built."""
+    folder = Path(tempfile.mkdtemp(prefix="miniclip-demo-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(folder / "examples")  # default: ./.gradio/cached_examples, also served
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Searcher:
+    """The loaded model, tokenizer and index, and the two searches the page calls: the app's only state.
+    `served` maps a result row to the file the page shows (default: the indexed path itself)."""
+
+    def __init__(self, encoder: Encoder, index: SearchIndex, served: ServedImages | None = None):
         self.encoder, self.index = encoder, index
+        self.served = served or (lambda row: str(index.images[row]))
         self.model, self.tokenizer = encoder.model.eval(), encoder.tokenizer
         self.long_tokenizer = _long_twin(self.tokenizer)
 
@@ -110,8 +151,8 @@ class Searcher:
 
     def _results(self, query_embeds: torch.Tensor, k: int, start: float, notes: list[str]):
         hits = self.index.search(query_embeds, int(k))
-        images, captions = self.index.images, self.index.captions
-        gallery = [(str(images[row]), f"{score:.3f} · {captions[row][0]}") for row, score in hits]
+        captions = self.index.captions
+        gallery = [(self.served(row), f"{score:.3f} · {captions[row][0]}") for row, score in hits]
         status = f"Top {len(hits)} of {len(self.index)} images ({time.perf_counter() - start:.2f} s)."
         return gallery, " ".join([status, *notes])
 
@@ -183,10 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     _import_gradio()  # fail before the slow model load and index build
+    if not is_loopback(args.host):
+        logger.warning("serving on %s: anyone who can reach this machine on port %d can use the page and see the "
+                       "indexed images; the default --host 127.0.0.1 keeps it on this machine", args.host, args.port)
     searcher = load_searcher(args)
+    folder = private_gradio_folder()
+    searcher.served = ServedImages(searcher.index.images, folder / "indexed")
     app = build_app(searcher, args.top_k, args.max_k)
-    folders = sorted({str(p.parent) for p in searcher.index.images})  # Gradio serves only files under these
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=folders, show_error=False)
+    # No allowed_paths: Gradio then serves only its own folder (uploads, cache, the copies ServedImages made).
+    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[], show_error=False)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from miniclip.files import read_mapping_file
 
 Format = Literal["auto", "miniclip", "tinyclip", "open_clip", "openai", "hf_clip", "cn_clip", "hf_chinese_clip",
                  "hf_dual_encoder", "tutorial", "open_clip_train", "tinyclip_train"]
-ExportFormat = Literal["miniclip", "hf", "open_clip"]
+ExportFormat = Literal["miniclip", "hf", "open_clip", "onnx"]
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "model_config.json", "tokenizer_config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"

@@ -1,5 +1,6 @@
 """Writing a `MiniClip` out: a miniclip folder (what `load_pretrained` and the Trainer read back), a Hugging Face
-`CLIPModel` / `ChineseCLIPModel` folder, or an open_clip hub folder. Every file is written atomically.
+`CLIPModel` / `ChineseCLIPModel` folder, an open_clip hub folder, or ONNX graphs of the two towers (serving/onnx.py).
+Every file is written atomically.
 
 Leaves out on purpose: sharded weight files and pushing to a hub (`huggingface_hub.upload_folder` does that).
 """
@@ -13,16 +14,19 @@ from miniclip.checkpoints.layouts import (CONFIG_FILE, HF_CONFIG, HF_WEIGHTS, MO
                                           TOKENIZER_FILE, ExportFormat, miniclip_to_open_clip)
 from miniclip.config import ClipConfig, check_literal
 from miniclip.files import atomic_write_json, atomic_write_text, save_safetensors
+from miniclip.serving.onnx import VARIANTS, export_onnx
 from miniclip.tokenizer import HF_TOKENIZER_DIR, VOCAB_FILENAME, BertWordPieceTokenizer, HFTokenizer, get_tokenizer
 from miniclip.towers import self_contained_config
 
 logger = logging.getLogger(__name__)
 
 
-def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tokenizer=None) -> Path:
+def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tokenizer=None,
+                    onnx_variants=VARIANTS) -> Path:
     """Write `model` as a miniclip folder (model.safetensors + model_config.json + tokenizer_config.json
-    [+ vocab.txt]), a Hugging Face CLIPModel / ChineseCLIPModel folder ("hf") or an open_clip hub folder
-    ("open_clip"). Every file is written atomically."""
+    [+ vocab.txt]), a Hugging Face CLIPModel / ChineseCLIPModel folder ("hf"), an open_clip hub folder
+    ("open_clip") or ONNX graphs ("onnx": `onnx_variants` of fp32 / fp16 / int8, see serving.onnx.export_onnx,
+    plus the tokenizer files). Every file is written atomically."""
     check_literal(format, ExportFormat, "format")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -31,6 +35,9 @@ def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tok
     if format == "miniclip":
         save_safetensors(state, output_dir / MODEL_FILE, metadata={"format": "pt", "layout": "miniclip"})
         atomic_write_json(output_dir / CONFIG_FILE, self_contained_config(config).to_dict())
+        _save_tokenizer(model, tokenizer, output_dir, describe=True)
+    elif format == "onnx":
+        export_onnx(model, output_dir, variants=onnx_variants, tokenizer=tokenizer)
         _save_tokenizer(model, tokenizer, output_dir, describe=True)
     elif format == "hf" and (config.vision_cfg.is_timm or config.text_cfg.tower == "hf"):
         dual_encoder.save_dual_encoder(state, self_contained_config(config), output_dir)
