@@ -1,1 +1,3 @@
-"""Serving a trained model without PyTorch: ONNX graphs of the two towers (onnx.py) and the runtime that runs them."""
+"""Serving: the towers exported to ONNX (onnx.py) so a service needs only onnxruntime, a tokenizer and PIL;
+the embedding command and the search page live in apps/.
+"""
