@@ -21,7 +21,9 @@ from miniclip.checkpoints import load_model_and_tokenizer
 from miniclip.config import ClipConfig, load_model_config
 from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
+from miniclip.data.streaming import STREAM_STATE, StreamStateCallback, build_stream, stream_source
 from miniclip.data.synthetic import ensure_synthetic
+from miniclip.distributed import from_main_process
 from miniclip.evaluation.metrics import is_retrieval_metric
 from miniclip.model import LogitBias, MiniClip
 from miniclip.tokenizer import get_tokenizer
@@ -110,22 +112,53 @@ def default_run_data(data_args: DataArguments) -> None:
     data_args.test_file = data_args.test_file or str(synthetic.test_file)
 
 
-def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+def resolve_checkpoint(value: str | None, output_dir: str, required: tuple[str, ...] = ()) -> str | None:
     """--resume_from_checkpoint: a folder, or 'latest' = the newest complete checkpoint-N in output_dir (None, with
-    a log line, when there is none yet: a restarted job then simply starts)."""
+    a log line, when there is none yet: a restarted job then simply starts). Complete: it has CHECKPOINT_DONE and
+    every file in `required` (a streamed run's stream state is written after the Trainer's files)."""
     if value is None or value.lower() in ("", "none", "false"):
         return None
+    needed = (CHECKPOINT_DONE, *required)
     if value.lower() in ("latest", "last", "true"):
         done = [p for p in Path(output_dir).glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_DONE).is_file()]
+                if p.name.split("-")[-1].isdigit() and all((p / name).is_file() for name in needed)]
         if not done:
             logger.warning("no complete checkpoint in %s yet: starting from the beginning", output_dir)
             return None
         return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-    if not (Path(value) / CHECKPOINT_DONE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no "
-                                f"{CHECKPOINT_DONE}). Fix: pass a checkpoint-N folder, or 'latest'")
+    for name in needed:
+        if not (Path(value) / name).is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no "
+                                    f"{name}). Fix: pass a checkpoint-N folder, or 'latest'")
     return value
+
+
+def resolve_checkpoint_on_main(value: str | None, output_dir: str, required: tuple[str, ...] = ()) -> str | None:
+    """`resolve_checkpoint` on the main process, the answer sent to all: with several nodes, 'latest' would
+    otherwise be each node's own newest folder, and nodes that disagree resume from different steps."""
+    return from_main_process(lambda: resolve_checkpoint(value, output_dir, required))
+
+
+def check_streaming(data_args: DataArguments, training_args: ClipTrainingArguments) -> bool:
+    """Whether the training data is streamed; shards without --streaming, or a stream without --max_steps, are
+    one-line errors. A streamed run resumes from the stream state saved in its checkpoint, so the Trainer's
+    re-reading of the consumed batches (its data skip) is turned off."""
+    if stream_source(data_args.train_file) is None:
+        if data_args.streaming:
+            raise ValueError(f"--streaming true reads shards; {data_args.train_file} is a caption file. Fix: write "
+                             "shards with python -m miniclip.apps.shard, or leave --streaming off")
+        return False
+    if not data_args.streaming:
+        raise ValueError(f"--train_file {data_args.train_file} names shards: pass --streaming true (shards are read "
+                         "as a stream, not loaded in memory)")
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError("--streaming true needs --max_steps N: a stream has no length, so epochs cannot say when "
+                         "to stop")
+    if data_args.max_train_samples is not None:
+        raise ValueError("--max_train_samples does not apply to a stream; limit the shards instead (a brace "
+                         "pattern over fewer of them)")
+    training_args.ignore_data_skip = True
+    return True
 
 
 def _setup_logging(training_args: ClipTrainingArguments) -> None:
@@ -155,23 +188,35 @@ def main(argv: list[str] | None = None) -> RunResult:
     if data_args.train_file is None:
         raise ValueError("--pretrained needs --train_file (the captions to finetune on); the embedded default run "
                          "trains from scratch on its synthetic set")
+    streamed = check_streaming(data_args, training_args)
     # Caption files first: a bad file fails in a second, before any model is built.
-    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
+    records = None if streamed else read_caption_file(data_args.train_file, image_root=data_args.image_root,
+                                                      on_bad=data_args.on_bad)
     eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
     test_records = read_eval_records(data_args.test_file, data_args, None)
     model, tokenizer = build_model(model_args)
     image_size = model.config.vision_cfg.image_size
-    train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
-                                  seed=training_args.seed, max_samples=data_args.max_train_samples,
-                                  on_bad=data_args.on_bad, image_size=image_size)
-    logger.info("%d training images (%d pairs per epoch), %s validation images", len(records), len(train_dataset),
-                len(eval_records) if eval_records else "no")
+    if streamed:
+        train_dataset = build_stream(data_args.train_file, model.config, train=data_args.augment,
+                                     caption_mode=data_args.caption_mode, seed=training_args.seed,
+                                     shuffle_buffer=data_args.shuffle_buffer, on_bad=data_args.on_bad,
+                                     image_size=image_size)
+        logger.info("streaming %s (%d shards), %s validation images", data_args.train_file, train_dataset.n_shards,
+                    len(eval_records) if eval_records else "no")
+    else:
+        train_dataset = build_dataset(records, model.config, train=data_args.augment,
+                                      caption_mode=data_args.caption_mode, seed=training_args.seed,
+                                      max_samples=data_args.max_train_samples, on_bad=data_args.on_bad,
+                                      image_size=image_size)
+        logger.info("%d training images (%d pairs per epoch), %s validation images", len(records),
+                    len(train_dataset), len(eval_records) if eval_records else "no")
 
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer), processing_class=tokenizer,
-                          eval_transform=image_transform(model.config, train=False, image_size=image_size),
-                          callbacks=[EpochCallback(train_dataset)])
-    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+                          eval_transform=image_transform(model.config, train=False, image_size=image_size))
+    resume = resolve_checkpoint_on_main(training_args.resume_from_checkpoint, training_args.output_dir,
+                                        (STREAM_STATE,) if streamed else ())
+    trainer.add_callback(StreamStateCallback(resume) if streamed else EpochCallback(train_dataset))
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
     trainer.log_metrics("train", train_result.metrics)

@@ -22,6 +22,7 @@ from miniclip.checkpoints.io import CheckpointError
 from miniclip.checkpoints.saving import save_pretrained
 from miniclip.config import check_literal
 from miniclip.data.captions import CaptionRecord
+from miniclip.data.streaming import StreamedPairs, stream_loader
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
 from miniclip.files import atomic_write_text
 from miniclip.loss import build_loss
@@ -199,6 +200,15 @@ class ClipTrainer(Trainer):
         """Not estimated: the Trainer's 6 * tokens * parameters rule is for language models (it reads `total_flos`
         from this only for its logs)."""
         return 0
+
+    # --- data ---------------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        """Streamed data (data/streaming.py) gets its own loader: split by node here, by worker by `datasets`, and
+        not through accelerate's prepare, which would shard an IterableDataset a second time (or, by default,
+        read it all on rank 0 and dispatch it). `_prepare_inputs` moves the batches to the device as usual."""
+        if isinstance(self.train_dataset, StreamedPairs):
+            return stream_loader(self.train_dataset, self._train_batch_size, self.data_collator, self.args)
+        return super().get_train_dataloader()
 
     # --- optimizer ----------------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
