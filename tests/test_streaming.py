@@ -217,3 +217,42 @@ def train_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- exact resume after SIGKILL ---------------------------------------------------------------------------------------
+def stream_flags(out, train_file, **overrides) -> list[str]:
+    values = {"model_config": "tiny-vit", "output_dir": str(out), "train_file": str(train_file), "streaming": True,
+              "shuffle_buffer": 0, "per_device_train_batch_size": 4, "max_steps": 10, "learning_rate": 1e-3,
+              "use_cpu": True, "report_to": "none", "save_strategy": "steps", "save_steps": 4, "logging_steps": 1,
+              "dataloader_num_workers": 2, "seed": 0, "disable_tqdm": True, **overrides}
+    return [item for k, v in values.items() for item in (f"--{k}", str(v))]
+
+
+def test_streamed_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
+    """24 samples in 4 shards, 2 workers, batch 4: a pass is 6 steps, so the 10 steps cross into a second pass and
+    the resumed run must restore both the position in the pass and the pass number (its shard order)."""
+    import signal
+    import time
+    from safetensors.torch import load_file
+    caption_file = make_jpeg_set(tmp_path, n=24)
+    write_by_hand(caption_file, tmp_path / "tars", shard_size=6)
+    train.main(stream_flags(tmp_path / "ref", tmp_path / "tars"))  # uninterrupted, in this process
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}  # the reference's threads (conftest)
+    command = [sys.executable, str(REPO / "train.py"), *stream_flags(tmp_path / "run", tmp_path / "tars")]
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    done = tmp_path / "run" / "checkpoint-4" / "stream_state.json"
+    while killed.poll() is None and not done.is_file():
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    resumed = subprocess.run([*command, "--resume_from_checkpoint", "latest"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "stream resumed from" in resumed.stdout + resumed.stderr
+    expected, got = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    worst = max((expected[k].double() - got[k].double()).abs().max().item() for k in expected)
+    assert worst <= 1e-6, worst
+    first = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
+    assert max((first[k].double() - got[k].double()).abs().max().item() for k in got) > 1e-4  # training moved them

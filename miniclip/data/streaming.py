@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import logging
 import zlib
 from pathlib import Path
@@ -224,7 +225,7 @@ class StreamLoader(StatefulDataLoader):
 
     def __init__(self, dataset: StreamedPairs, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.epoch_offset = 0
+        self.epoch_offset, self._resumed = 0, False
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(self.epoch_offset + epoch)
@@ -233,9 +234,23 @@ class StreamLoader(StatefulDataLoader):
         return {"epoch": self.dataset.epoch, "loader": super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch_offset = int(state["epoch"])
+        self.epoch_offset, self._resumed = int(state["epoch"]), True
         self.dataset.set_epoch(self.epoch_offset)
         super().load_state_dict(state["loader"])
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if not self._resumed:
+            return iterator
+        self._resumed = False
+        first = next(iterator, None)
+        if first is not None:
+            return itertools.chain([first], iterator)
+        # The checkpoint was taken at the end of a pass: the restored pass is empty, and the Trainer would stop on
+        # an empty epoch. Go on with the next pass, as the uninterrupted run did.
+        self.epoch_offset += 1
+        self.dataset.set_epoch(self.epoch_offset)
+        return super().__iter__()
 
 
 def stream_loader(dataset: StreamedPairs, batch_size: int, collate_fn, args) -> StreamLoader:
