@@ -59,6 +59,12 @@ def _unsqueeze_scalar(module, state_dict, prefix, local_metadata, strict, missin
         state_dict[key] = state_dict[key].reshape(1)
 
 
+def scalar_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the learnt scalars (logit scale / bias), which checkpoints store 0-d."""
+    return [f"{name}.{module.name}" if name else module.name for name, module in model.named_modules()
+            if isinstance(module, _ScalarParameter)]
+
+
 class LogitScale(_ScalarParameter):
     """Holds the log of CLIP's inverse temperature (CLIP paper, sec. 2.5); `forward()` returns the multiplier ()."""
     name = "logit_scale"
@@ -141,6 +147,12 @@ class MiniClip(nn.Module):
     a `checkpoints.LoadResult` (file, layout, ignored keys) for one made by `from_pretrained`. Leaves out on purpose:
     preprocessing (transforms.py / tokenizer.py turn images and captions into tensors) and any loss.
     """
+
+    # The units FSDP shards and gathers one at a time (read by accelerate's transformer_based_wrap policy, as for
+    # transformers models; names this model does not contain are passed over). The ViT / text blocks are
+    # FastResidualAttentionBlock after use_fast_attention: a policy naming open_clip's ResidualAttentionBlock would
+    # find none of them.
+    _no_split_modules = ["FastResidualAttentionBlock", "ResidualAttentionBlock", "BertLayer", "Bottleneck"]
 
     def __init__(self, config: ClipConfig | str | dict):
         super().__init__()
