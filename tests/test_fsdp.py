@@ -40,6 +40,17 @@ def test_wrap_units_are_the_towers_blocks(name, expected):
         assert units.count(cls) == blocks[cls] and (count is None or count == blocks[cls]), (cls, units)
 
 
+def test_a_policy_naming_open_clips_block_class_finds_nothing_after_the_swap():
+    """The batch-first blocks are FastResidualAttentionBlock (attention.py): naming open_clip's class by hand is
+    refused by accelerate, which is why _no_split_modules names the swapped class."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["ResidualAttentionBlock"])
+    with pytest.raises(ValueError, match="Could not find the transformer layer class ResidualAttentionBlock"):
+        fsdp2_prepare_auto_wrap_policy(plugin, MiniClip("tiny-vit"))
+
+
 SHARDED_SCRIPT = """
 import json, sys, copy
 import torch, torch.distributed as dist
