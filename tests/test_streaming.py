@@ -256,3 +256,17 @@ def test_streamed_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     assert worst <= 1e-6, worst
     first = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
     assert max((first[k].double() - got[k].double()).abs().max().item() for k in got) > 1e-4  # training moved them
+
+
+def test_validation_shards_give_the_recall_of_the_same_caption_file(tmp_path):
+    """--validation_file as shards (its samples extracted once to output_dir/eval_images) and --test_file as the
+    caption file they were written from: the same images and captions, so the same recall on the final model."""
+    caption_file = make_jpeg_set(tmp_path, n=8)
+    write_by_hand(caption_file, tmp_path / "tars", shard_size=4)
+    result = train.main(stream_flags(tmp_path / "out", tmp_path / "tars", max_steps=2, save_strategy="no",
+                                     dataloader_num_workers=0, validation_file=tmp_path / "tars",
+                                     test_file=caption_file))
+    recalls = {k.split("_", 1)[1]: v for k, v in result.eval_metrics.items() if "R@" in k or "mean_recall" in k}
+    assert recalls and all(result.test_metrics[f"test_{k}"] == v for k, v in recalls.items()), (
+        result.eval_metrics, result.test_metrics)
+    assert len(list((tmp_path / "out" / "eval_images").rglob("*.img"))) == 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from miniclip.checkpoints import load_model_and_tokenizer
 from miniclip.config import ClipConfig, load_model_config
 from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
-from miniclip.data.streaming import STREAM_STATE, StreamStateCallback, build_stream, stream_source
+from miniclip.data.streaming import (STREAM_STATE, StreamStateCallback, build_stream, extract_records,
+                                     stream_source)
 from miniclip.data.synthetic import ensure_synthetic
 from miniclip.distributed import from_main_process
 from miniclip.evaluation.metrics import is_retrieval_metric
@@ -96,9 +98,14 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
     return kept
 
 
-def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None) -> list[CaptionRecord] | None:
+def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None,
+                      output_dir: str = ".") -> list[CaptionRecord] | None:
+    """A caption file's records, or a shard source's first `limit` samples extracted to output_dir/eval_images."""
     if path is None:
         return None
+    if stream_source(path) is not None:
+        folder = Path(output_dir) / "eval_images" / f"{zlib.crc32(str(Path(path).resolve()).encode()):08x}"
+        return extract_records(path, folder, limit, on_bad=data_args.on_bad)
     records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad)
     return _readable(records[:limit] if limit else records, data_args.on_bad, path)
 
@@ -192,8 +199,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     # Caption files first: a bad file fails in a second, before any model is built.
     records = None if streamed else read_caption_file(data_args.train_file, image_root=data_args.image_root,
                                                       on_bad=data_args.on_bad)
-    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
-    test_records = read_eval_records(data_args.test_file, data_args, None)
+    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples,
+                                     training_args.output_dir)
+    test_records = read_eval_records(data_args.test_file, data_args, None, training_args.output_dir)
     model, tokenizer = build_model(model_args)
     image_size = model.config.vision_cfg.image_size
     if streamed:

@@ -25,9 +25,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import TrainerCallback
 
 from miniclip.config import ClipConfig, check_literal
-from miniclip.data.captions import CAPTION_KEYS, IMAGE_KEYS, BadSamplePolicy
+from miniclip.data.captions import CAPTION_KEYS, IMAGE_KEYS, BadSamplePolicy, CaptionRecord
 from miniclip.data.dataset import CaptionMode, augment_seed, caption_choice
-from miniclip.files import atomic_write_json
+from miniclip.files import atomic_write, atomic_write_json
 from miniclip.transforms import ImageDecodeError, image_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,44 @@ def row_key(row: dict, image: bytes | None) -> str:
     """webdataset's `__key__`, a `key` column, else the CRC32 of the image bytes (Parquet rows have no key)."""
     key = row.get("__key__") or row.get("key")
     return str(key) if key is not None else f"{zlib.crc32(image or b''):08x}"
+
+
+def extract_records(path: str | Path, folder: str | Path, limit: int | None = None,
+                    on_bad: BadSamplePolicy = "error") -> list[CaptionRecord]:
+    """Evaluation records from a shard source: the first `limit` samples (all when None), their images written to
+    `folder` as files (atomically; kept for the next run), so retrieval evaluation reads them like a caption
+    file's. Meant for validation / test sets, which are small; training data is streamed instead."""
+    rows = load_rows(path)
+    features = rows.features or {}
+    image_column = _column(features, IMAGE_COLUMNS, "image", str(path))
+    caption_column = _column(features, CAPTION_KEYS, "", str(path))
+    folder = Path(folder)
+    records, skipped = [], 0
+    for row in rows:
+        if limit is not None and len(records) >= limit:
+            break
+        image = row.get(image_column)
+        data = image.get("bytes") if isinstance(image, dict) else image
+        key, captions = row_key(row, data), row_captions(row, caption_column)
+        target = folder / f"{zlib.crc32(key.encode()):08x}-{len(records):06d}.img"  # keys may hold any character
+        try:
+            if not captions or data is None:
+                raise ValueError("no caption" if data is not None else "no image bytes")
+            if not target.is_file():
+                load_image(io.BytesIO(data), draft_size=64)  # decodable, or the policy decides now
+                atomic_write(target, lambda tmp: tmp.write_bytes(data))
+        except ValueError as e:
+            if on_bad == "error":
+                raise ImageDecodeError(f"{path}: sample {key}: {e}. Fix the shard, or pass --on_bad skip") from None
+            skipped += 1
+            logger.warning("%s: skipping sample %s: %s", path, key, e)
+            continue
+        records.append(CaptionRecord(image=target.resolve(), captions=tuple(captions)))
+    if skipped:
+        logger.warning("%s: skipped %d bad sample(s)", path, skipped)
+    if not records:
+        raise ValueError(f"{path}: no usable evaluation samples")
+    return records
 
 
 class _StreamDecode:
