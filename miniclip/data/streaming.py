@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import io
 import itertools
+import json
 import logging
 import zlib
 from pathlib import Path
@@ -322,12 +323,15 @@ class StreamStateCallback(TrainerCallback):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: checkpoint {self.resume_from} was not written by a streamed "
                                     "run. Fix: resume a streamed run from its own checkpoints")
-        import json
         saved = json.loads(path.read_text())
         entry = saved["ranks"].get(str(args.process_index))
         if saved["world_size"] != args.world_size or entry is None:
             raise ValueError(f"{path} holds the stream state of {saved['world_size']} process(es); this run has "
                              f"{args.world_size}. Fix: resume with the same number of processes")
+        if saved.get("workers", args.dataloader_num_workers) != args.dataloader_num_workers:
+            raise ValueError(f"{path} was written with --dataloader_num_workers {saved['workers']}; this run has "
+                             f"{args.dataloader_num_workers}. Fix: resume with the same number of workers (each "
+                             "worker's position in its shards is saved)")
         train_dataloader.load_state_dict(entry)
         logger.info("stream resumed from %s (pass %d)", path, entry["epoch"])
 
@@ -342,4 +346,5 @@ class StreamStateCallback(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             atomic_write_json(folder / STREAM_STATE, {"world_size": args.world_size,
+                                                      "workers": args.dataloader_num_workers,
                                                       "ranks": {str(r): s for r, s in enumerate(states)}})
