@@ -5,7 +5,11 @@ open_clip's way, so it can be set against the training step rate of train_speed.
                 with the HF Trainer's defaults (dataloader_num_workers=0);
   open_clip     what open_clip's CsvDataset does per item: PIL open + full decode, open_clip's training transform,
                 tokenize to 77 in the item, default collate; same DataLoader settings.
-Ablations (--ablations): miniclip+nodraft (full-size decode), miniclip+workers2 (2 loader processes).
+  stream        the same images as webdataset shards written by `python -m miniclip.apps.shard` (JPEG bytes
+                copied), read by data/streaming.py (datasets IterableDataset, shuffle buffer 1000, draft decode,
+                torchdata StatefulDataLoader) with the same collator and workers: the `--streaming true` path.
+Ablations (--ablations): miniclip+nodraft (full-size decode), miniclip+workers2 and stream+workers2 (2 loader
+processes each).
 Images: Flickr8k from the shared data folder when present (stored at 224 px, so draft decoding has nothing to
 skip there), else -- or with --synthetic -- generated 500x375 JPEGs (Flickr's usual photo size) in a temp folder.
 
@@ -25,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (bench_main, REPO, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
                           run_worker, spread)
 
-IMPLS = ("miniclip", "open_clip")
-ABLATIONS = ("miniclip+nodraft", "miniclip+workers2")
+IMPLS = ("miniclip", "open_clip", "stream")
+ABLATIONS = ("miniclip+nodraft", "miniclip+workers2", "stream+workers2")
 
 
 def flickr_caption_file() -> Path | None:
@@ -50,6 +54,17 @@ def make_jpegs(folder: Path, n: int, size=(500, 375)) -> Path:
     path = folder / "captions.json"
     path.write_text(json.dumps(entries))
     return path
+
+
+def write_shards(caption_file: Path, folder: Path, images: int) -> Path:
+    """The first `images` entries as webdataset shards (4 shards, so 2 workers each read their own)."""
+    from miniclip.apps import shard
+    from miniclip.data.dataset import load_records
+    subset = folder.parent / "subset.json"
+    records = load_records(caption_file, max_samples=images)
+    subset.write_text(json.dumps([{"image": str(r.image), "caption": list(r.captions)} for r in records]))
+    shard.main([str(subset), str(folder), "--shard_size", str(max(1, -(-len(records) // 4))), "--image_root", "/"])
+    return folder
 
 
 class OpenClipStyleDataset:
@@ -79,6 +94,14 @@ def loader(impl: str, records, config, batch: int):
                                 draft="nodraft" not in opts)
         return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
                                            collate_fn=ClipCollator(get_tokenizer(config)))
+    if base == "stream":  # `records` is the shard folder here
+        from types import SimpleNamespace
+        from miniclip.data.streaming import build_stream, stream_loader
+        stream = build_stream(records, config, train=True, caption_mode="random", shuffle_buffer=1000)
+        settings = SimpleNamespace(process_index=0, world_size=1, dataloader_num_workers=workers,
+                                   dataloader_pin_memory=False, dataloader_persistent_workers=False,
+                                   dataloader_prefetch_factor=None)
+        return stream_loader(stream, batch, ClipCollator(get_tokenizer(config)), settings)
     if base == "open_clip":
         pre = config.preprocess_cfg
         transform = open_clip.image_transform(config.vision_cfg.image_size, is_train=True, mean=pre.mean, std=pre.std)
@@ -93,7 +116,7 @@ def worker(impl: str, caption_file: str, args) -> dict:
     from miniclip.data.dataset import load_records
     torch.set_num_threads(args.threads)
     config = load_model_config(args.config)
-    records = load_records(caption_file, max_samples=args.images)
+    records = caption_file if impl.startswith("stream") else load_records(caption_file, max_samples=args.images)
     batches = loader(impl, records, config, args.batch)
     start, n = time.perf_counter(), 0
     for batch in batches:
@@ -109,7 +132,9 @@ def measure_all(args, script=Path(__file__)) -> tuple[dict, str]:
         caption_file = None if args.synthetic else flickr_caption_file()
         source = f"Flickr8k ({caption_file.parent}, 224 px JPEGs)" if caption_file else "generated 500x375 JPEGs"
         caption_file = caption_file or make_jpegs(Path(tmp), args.images)
-        jobs = [(impl, str(caption_file)) for impl in impls]
+        shards = write_shards(caption_file, Path(tmp) / "shards", args.images) if any(
+            i.startswith("stream") for i in impls) else None
+        jobs = [(impl, str(shards if impl.startswith("stream") else caption_file)) for impl in impls]
         results = interleave(jobs, args.reps, lambda job, rep: run_worker(script, ["--worker", *job, *common],
                                                                           args.threads), label=lambda job: job[0])
     return {impl: runs for (impl, _), runs in results.items()}, source

@@ -52,3 +52,21 @@ def all_gather_features(features: torch.Tensor, with_grad: bool = True) -> torch
     dist.all_gather(gathered, features.detach().contiguous())
     gathered[rank()] = features
     return torch.cat(gathered)
+
+
+def from_main_process(compute):
+    """`compute()` run on rank 0 only, its result (any picklable value) sent to every process. An exception on
+    rank 0 is raised on every process too, so none is left waiting in the broadcast."""
+    if world_size() == 1:
+        return compute()
+    box = [None]
+    if rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:  # re-raised below, on every process
+            box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value

@@ -32,29 +32,59 @@ class ClipOutput(ModelOutput):
     logit_bias: torch.Tensor | None = None  # () scalar, only with a sigmoid loss
 
 
-class LogitScale(nn.Module):
-    """Holds the log of CLIP's inverse temperature (CLIP paper, sec. 2.5); `forward()` returns the multiplier."""
+class _ScalarParameter(nn.Module):
+    """One learnt scalar stored as a (1,) tensor, because PyTorch's FSDP2 (`fully_shard`, the Trainer's default
+    --fsdp) refuses 0-d parameters; state dicts keep the checkpoints' 0-d shape (open_clip / OpenAI / HF), so every
+    published file loads and saves as before."""
+    name: str
 
     def __init__(self, init_value: float):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_value)))
+        setattr(self, self.name, nn.Parameter(torch.tensor([float(init_value)])))  # (1,)
+        self.register_state_dict_post_hook(_squeeze_scalar)
+        self.register_load_state_dict_pre_hook(_unsqueeze_scalar)
+
+    @property
+    def value(self) -> torch.Tensor:  # () view of the parameter, with autograd
+        return getattr(self, self.name).reshape(())
+
+
+def _squeeze_scalar(module, state_dict, prefix, local_metadata):
+    key = prefix + module.name
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and type(value) is torch.Tensor and value.shape == (1,):
+        state_dict[key] = value.reshape(())  # a sharded (DTensor) state dict keeps its (1,) shape
+
+
+def _unsqueeze_scalar(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    key = prefix + module.name
+    if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
+def scalar_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the learnt scalars (logit scale / bias), which checkpoints store 0-d."""
+    return [f"{name}.{module.name}" if name else module.name for name, module in model.named_modules()
+            if isinstance(module, _ScalarParameter)]
+
+
+class LogitScale(_ScalarParameter):
+    """Holds the log of CLIP's inverse temperature (CLIP paper, sec. 2.5); `forward()` returns the multiplier ()."""
+    name = "logit_scale"
 
     def forward(self) -> torch.Tensor:
-        return self.logit_scale.exp()
+        return self.value.exp()
 
 
-class LogitBias(nn.Module):
-    """The learnt bias of the sigmoid loss (SigLIP, Zhai et al. 2023)."""
-
-    def __init__(self, init_value: float):
-        super().__init__()
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_value)))
+class LogitBias(_ScalarParameter):
+    """The learnt bias of the sigmoid loss (SigLIP, Zhai et al. 2023); `forward()` returns it as a () tensor."""
+    name = "logit_bias"
 
     def forward(self) -> torch.Tensor:
-        # A copy, not the Parameter itself: DistributedDataParallel finds used parameters by walking back from the
-        # outputs' grad_fn, and a bare Parameter output (no grad_fn) would be taken for unused, then fail as
+        # A reshaped copy, not the Parameter itself: DistributedDataParallel finds used parameters by walking back
+        # from the outputs' grad_fn, and a bare Parameter output (no grad_fn) would be taken for unused, then fail as
         # "marked ready twice" in backward.
-        return self.logit_bias.clone()
+        return self.value.clone()
 
 
 class ImageEncoder(nn.Module):
@@ -124,6 +154,12 @@ class MiniClip(nn.Module):
     a `checkpoints.LoadResult` (file, layout, ignored keys) for one made by `from_pretrained`. Leaves out on purpose:
     preprocessing (transforms.py / tokenizer.py turn images and captions into tensors) and any loss.
     """
+
+    # The units FSDP shards and gathers one at a time (read by accelerate's transformer_based_wrap policy, as for
+    # transformers models; names this model does not contain are passed over). The ViT / text blocks are
+    # FastResidualAttentionBlock after use_fast_attention: a policy naming open_clip's ResidualAttentionBlock would
+    # find none of them.
+    _no_split_modules = ["FastResidualAttentionBlock", "ResidualAttentionBlock", "BertLayer", "Bottleneck"]
 
     def __init__(self, config: ClipConfig | str | dict):
         super().__init__()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from miniclip.checkpoints.inherit import inherit
 from miniclip.config import ClipConfig, load_model_config
 from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
+from miniclip.data.streaming import (STREAM_STATE, StreamStateCallback, build_stream, extract_records,
+                                     stream_source)
 from miniclip.data.synthetic import ensure_synthetic
+from miniclip.distributed import from_main_process
 from miniclip.evaluation.metrics import is_retrieval_metric
 from miniclip.model import LogitBias, MiniClip
 from miniclip.tokenizer import get_tokenizer
@@ -127,9 +131,14 @@ def _readable(records: list[CaptionRecord], on_bad: str, path: str) -> list[Capt
     return kept
 
 
-def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None) -> list[CaptionRecord] | None:
+def read_eval_records(path: str | None, data_args: DataArguments, limit: int | None,
+                      output_dir: str = ".") -> list[CaptionRecord] | None:
+    """A caption file's records, or a shard source's first `limit` samples extracted to output_dir/eval_images."""
     if path is None:
         return None
+    if stream_source(path) is not None:
+        folder = Path(output_dir) / "eval_images" / f"{zlib.crc32(str(Path(path).resolve()).encode()):08x}"
+        return extract_records(path, folder, limit, on_bad=data_args.on_bad)
     records = read_caption_file(path, image_root=data_args.image_root, on_bad=data_args.on_bad,
                                 **data_args.caption_file_kwargs())
     return _readable(records[:limit] if limit else records, data_args.on_bad, path)
@@ -144,22 +153,53 @@ def default_run_data(data_args: DataArguments) -> None:
     data_args.test_file = data_args.test_file or str(synthetic.test_file)
 
 
-def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+def resolve_checkpoint(value: str | None, output_dir: str, required: tuple[str, ...] = ()) -> str | None:
     """--resume_from_checkpoint: a folder, or 'latest' = the newest complete checkpoint-N in output_dir (None, with
-    a log line, when there is none yet: a restarted job then simply starts)."""
+    a log line, when there is none yet: a restarted job then simply starts). Complete: it has CHECKPOINT_DONE and
+    every file in `required` (a streamed run's stream state is written after the Trainer's files)."""
     if value is None or value.lower() in ("", "none", "false"):
         return None
+    needed = (CHECKPOINT_DONE, *required)
     if value.lower() in ("latest", "last", "true"):
         done = [p for p in Path(output_dir).glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / CHECKPOINT_DONE).is_file()]
+                if p.name.split("-")[-1].isdigit() and all((p / name).is_file() for name in needed)]
         if not done:
             logger.warning("no complete checkpoint in %s yet: starting from the beginning", output_dir)
             return None
         return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-    if not (Path(value) / CHECKPOINT_DONE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no "
-                                f"{CHECKPOINT_DONE}). Fix: pass a checkpoint-N folder, or 'latest'")
+    for name in needed:
+        if not (Path(value) / name).is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no "
+                                    f"{name}). Fix: pass a checkpoint-N folder, or 'latest'")
     return value
+
+
+def resolve_checkpoint_on_main(value: str | None, output_dir: str, required: tuple[str, ...] = ()) -> str | None:
+    """`resolve_checkpoint` on the main process, the answer sent to all: with several nodes, 'latest' would
+    otherwise be each node's own newest folder, and nodes that disagree resume from different steps."""
+    return from_main_process(lambda: resolve_checkpoint(value, output_dir, required))
+
+
+def check_streaming(data_args: DataArguments, training_args: ClipTrainingArguments) -> bool:
+    """Whether the training data is streamed; shards without --streaming, or a stream without --max_steps, are
+    one-line errors. A streamed run resumes from the stream state saved in its checkpoint, so the Trainer's
+    re-reading of the consumed batches (its data skip) is turned off."""
+    if stream_source(data_args.train_file) is None:
+        if data_args.streaming:
+            raise ValueError(f"--streaming true reads shards; {data_args.train_file} is a caption file. Fix: write "
+                             "shards with python -m miniclip.apps.shard, or leave --streaming off")
+        return False
+    if not data_args.streaming:
+        raise ValueError(f"--train_file {data_args.train_file} names shards: pass --streaming true (shards are read "
+                         "as a stream, not loaded in memory)")
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError("--streaming true needs --max_steps N: a stream has no length, so epochs cannot say when "
+                         "to stop")
+    if data_args.max_train_samples is not None:
+        raise ValueError("--max_train_samples does not apply to a stream; limit the shards instead (a brace "
+                         "pattern over fewer of them)")
+    training_args.ignore_data_skip = True
+    return True
 
 
 def _setup_logging(training_args: ClipTrainingArguments) -> None:
@@ -176,6 +216,18 @@ def _report(name: str, metrics: dict) -> None:
     logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
 
 
+def train_data(data_args: DataArguments, training_args: ClipTrainingArguments, config, records, teacher, streamed: bool):
+    """The training set: streamed shards (data/streaming.py) or the caption file's records (data/dataset.py)."""
+    image_size = config.vision_cfg.image_size
+    if streamed:
+        return build_stream(data_args.train_file, config, train=data_args.augment, caption_mode=data_args.caption_mode,
+                            seed=training_args.seed, shuffle_buffer=data_args.shuffle_buffer, on_bad=data_args.on_bad,
+                            image_size=image_size)
+    return build_dataset(records, config, train=data_args.augment, caption_mode=data_args.caption_mode,
+                         seed=training_args.seed, max_samples=data_args.max_train_samples, on_bad=data_args.on_bad,
+                         image_size=image_size, teacher_config=teacher.config if teacher is not None else None)
+
+
 def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
     """One training run from command-line style `argv`; `callbacks` (TrainerCallback) join the trainer's own."""
     model_args, data_args, training_args, default_run = parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -190,30 +242,30 @@ def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
     if data_args.train_file is None:
         raise ValueError("--pretrained needs --train_file (the captions to finetune on); the embedded default run "
                          "trains from scratch on its synthetic set")
+    streamed = check_streaming(data_args, training_args)
     # Caption files first: a bad file fails in a second, before any model is built.
-    records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad,
-                                **data_args.caption_file_kwargs())
-    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
-    test_records = read_eval_records(data_args.test_file, data_args, None)
+    records = None if streamed else read_caption_file(data_args.train_file, image_root=data_args.image_root,
+                                                      on_bad=data_args.on_bad, **data_args.caption_file_kwargs())
+    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples,
+                                     training_args.output_dir)
+    test_records = read_eval_records(data_args.test_file, data_args, None, training_args.output_dir)
     model, tokenizer = build_model(model_args)
     teacher, teacher_tokenizer = build_teacher(model_args)
     image_size = model.config.vision_cfg.image_size
-    train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
-                                  seed=training_args.seed, max_samples=data_args.max_train_samples,
-                                  on_bad=data_args.on_bad, image_size=image_size,
-                                  teacher_config=teacher.config if teacher is not None else None)
+    train_dataset = train_data(data_args, training_args, model.config, records, teacher, streamed)
+    logger.info("%s, %s validation images", f"streaming {data_args.train_file} ({train_dataset.n_shards} shards)"
+                if streamed else f"{len(records)} training images ({len(train_dataset)} pairs per epoch)",
+                len(eval_records) if eval_records else "no")
     if teacher_tokenizer is not None and (teacher_tokenizer.describe(), getattr(teacher_tokenizer, "vocab_file", None)) \
             == (tokenizer.describe(), getattr(tokenizer, "vocab_file", None)):
         teacher_tokenizer = None  # the same tokens: the teacher reads the student's input_ids
-    logger.info("%d training images (%d pairs per epoch), %s validation images", len(records), len(train_dataset),
-                len(eval_records) if eval_records else "no")
-
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer, teacher_tokenizer),
-                          processing_class=tokenizer, teacher=teacher,
-                          eval_transform=image_transform(model.config, train=False, image_size=image_size),
-                          callbacks=[EpochCallback(train_dataset), *callbacks])
-    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+                          processing_class=tokenizer, teacher=teacher, callbacks=list(callbacks),
+                          eval_transform=image_transform(model.config, train=False, image_size=image_size))
+    resume = resolve_checkpoint_on_main(training_args.resume_from_checkpoint, training_args.output_dir,
+                                        (STREAM_STATE,) if streamed else ())
+    trainer.add_callback(StreamStateCallback(resume) if streamed else EpochCallback(train_dataset))
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
     trainer.log_metrics("train", train_result.metrics)

@@ -1,6 +1,6 @@
 """Training data: caption records (captions.py) -> a `datasets.Dataset` decoded on the fly (`with_transform`) into
 `{"pixel_values", "caption"}` items, and `ClipCollator`, which stacks images and tokenizes captions trimmed to the
-batch's longest. Leaves out on purpose: streaming / webdataset shards and caption augmentation.
+batch's longest. Leaves out on purpose: caption augmentation, and shards (streamed by data/streaming.py).
 
 Caption choice: mode "random" gives each image one caption per epoch, picked from (seed, epoch, index) alone, so a
 resumed run, any number of dataloader workers and any process see the same pairs; mode "all" makes every caption

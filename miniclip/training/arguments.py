@@ -114,10 +114,20 @@ class DataArguments(CaptionFileOptions):
     synthetic_dir: str | None = field(default=None, metadata={"help": (
         "Default run only: where the synthetic set is cached (default $MINICLIP_CACHE/synthetic or "
         "~/.cache/miniclip/synthetic).")})
+    streaming: bool = field(default=False, metadata={"help": (
+        "Read --train_file shards (webdataset .tar with brace patterns, .parquet / .arrow files, a save_to_disk "
+        "folder) as a stream: nothing read in full, no file checked at start, split by node and worker. Needs "
+        "--max_steps (a stream has no length). Write shards with python -m miniclip.apps.shard.")})
+    shuffle_buffer: int = field(default=1000, metadata={"help": (
+        "--streaming: samples in the shuffle buffer (shards are shuffled per pass too). 0 = shard order only; "
+        "then a resumed run continues exactly (datasets does not save the buffer's content, so with a buffer "
+        "the samples it held at the checkpoint are not seen in that pass).")})
 
     def __post_init__(self):
         check_literal(self.caption_mode, CaptionMode, "caption_mode")
         check_literal(self.on_bad, BadSamplePolicy, "on_bad")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"--shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 = no buffer)")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive number of images")

@@ -4,7 +4,9 @@ its statistics, an optional cached-feature accumulation keeps negatives right ov
 miniclip folders, and `evaluate()` reports retrieval recall. Everything else (mixed precision, DDP, schedules,
 checkpoint rotation, resume, logging integrations) is the stock Trainer.
 
-Leaves out on purpose: FSDP / DeepSpeed specifics (the stock paths run; nothing is tuned for them).
+Sharded models (FSDP through --fsdp): the wrap units come from MiniClip._no_split_modules, evaluation encodes
+through the wrapped model's forward on every process, the temperature clamp acts on each process's shard, and
+checkpoints are full miniclip folders. Leaves out on purpose: DeepSpeed specifics (the stock path; untested).
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from miniclip.config import check_literal
 from miniclip.distillation import DistillationLoss
 from miniclip.distributed import world_size
 from miniclip.data.captions import CaptionRecord
+from miniclip.data.streaming import StreamedPairs, stream_loader
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
 from miniclip.files import atomic_write_text, save_safetensors
 from miniclip.loss import LossKind, build_loss
+from miniclip.model import scalar_keys
 from miniclip.training.arguments import ClipTrainingArguments
 
 __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
@@ -133,6 +137,25 @@ class ClipTrainer(Trainer):
         self.teacher = self.distill_loss = None
         if teacher is not None:
             self._set_teacher(teacher)
+        # Decay groups by name, from the model as built: under FSDP1 the parameters become flat shards (1-D) with
+        # wrapper prefixes in their names, and an ndim rule read then would decay nothing.
+        self._decay_names = set(decay_parameter_names(model))
+        self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """--fsdp the engine did not turn on is an error, not a silent DDP run: accelerate enables FSDP only for
+        multi-GPU / accelerator runs, and PyTorch's FSDP1 says "FSDP needs a non-CPU accelerator device"."""
+        if getattr(self.args, "fsdp_plugin_args", None) is None:
+            return
+        if not self.is_fsdp_enabled:
+            raise ValueError("--fsdp was given but accelerate did not enable FSDP (it does so only for runs on "
+                             "several GPUs / accelerators; on CPU, PyTorch's FSDP1 stops with 'FSDP needs a non-CPU "
+                             "accelerator device'). Fix: run on GPUs with torchrun / accelerate launch, or drop --fsdp")
+        plugin = self.accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+            raise ValueError("FSDP1 with use_orig_params false hides the original parameters, which the decay "
+                             "groups and the logit-scale clamp use. Fix: --fsdp_config '{\"use_orig_params\": true}' "
+                             "(the default), or FSDP2 (--fsdp_config '{\"version\": 2}')")
 
     # --- distillation -------------------------------------------------------------------------------------------------
     def _set_teacher(self, teacher: nn.Module) -> None:
@@ -302,9 +325,18 @@ class ClipTrainer(Trainer):
                                                  peak * self.args.world_size if peak else None, start_time))
         super().log(logs, start_time)
 
+    # --- data ---------------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        """Streamed data (data/streaming.py) gets its own loader: split by node here, by worker by `datasets`, and
+        not through accelerate's prepare, which would shard an IterableDataset a second time (or, by default,
+        read it all on rank 0 and dispatch it). `_prepare_inputs` moves the batches to the device as usual."""
+        if isinstance(self.train_dataset, StreamedPairs):
+            return stream_loader(self.train_dataset, self._train_batch_size, self.data_collator, self.args)
+        return super().get_train_dataloader()
+
     # --- optimizer ----------------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        return decay_parameter_names(model)
+        return [name for name, _ in model.named_parameters() if _unwrapped_name(name) in self._decay_names]
 
     def create_optimizer(self, model=None):
         """Two parameter groups (decay / no decay) over the parameters that require grad, which includes the ones a
@@ -386,7 +418,11 @@ class ClipTrainer(Trainer):
             for name, group in records.items():
                 metrics.update(self.evaluate(group, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        metrics = self._retrieval_metrics(records, metric_key_prefix) if self.is_world_process_zero() else None
+        # A sharded model runs only when every process takes part in its forward (each gathers its parameters
+        # unit by unit), so every process encodes; an unsharded one is encoded on the main process alone.
+        everywhere = is_sharded(self.model_wrapped) or is_sharded(self.model)
+        metrics = (self._retrieval_metrics(records, metric_key_prefix)
+                   if everywhere or self.is_world_process_zero() else None)
         if self.accelerator.num_processes > 1:
             box = [metrics]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -398,26 +434,82 @@ class ClipTrainer(Trainer):
     def _retrieval_metrics(self, records: list[CaptionRecord], prefix: str) -> dict[str, float]:
         start = time.time()
         raw = evaluate_retrieval(self.encoder(), list(records))
+        _reshard(self.model_wrapped)
         metrics = {f"{prefix}_{k}": v for k, v in raw.items()}
         metrics[f"{prefix}_runtime"] = round(time.time() - start, 3)
         return metrics
 
 
     def encoder(self) -> Encoder:
-        """How evaluation encodes: the unwrapped model in the run's precision, the eval transform and tokenizer."""
+        """How evaluation encodes: the unwrapped model (a sharded one: its wrapper's forward) in the run's precision,
+        the eval transform and tokenizer."""
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         batch = self.args.per_device_eval_batch_size
-        return Encoder(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.eval_transform,
-                       self.processing_class, device=self.args.device, dtype=dtype, image_batch_size=batch,
-                       text_batch_size=max(batch, 256), progress=not self.args.disable_tqdm)
+        sharded = next((m for m in (self.model_wrapped, self.model) if is_sharded(m)), None)
+        model = ForwardEncoding(sharded) if sharded is not None else self.accelerator.unwrap_model(
+            self.model, keep_torch_compile=False)
+        return Encoder(model, self.eval_transform, self.processing_class, device=self.args.device, dtype=dtype,
+                       image_batch_size=batch, text_batch_size=max(batch, 256),
+                       progress=not self.args.disable_tqdm and self.is_world_process_zero())
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """Whether FSDP shards `model`: FSDP1 wraps it in FullyShardedDataParallel, FSDP2 turns its parameters into
+    DTensors."""
+    if model is None:
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+    return isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class ForwardEncoding(nn.Module):
+    """`encode_image` / `encode_text` through the sharded model's `forward`: FSDP gathers parameters in forward
+    hooks only, so calling the inner methods directly would meet sharded tensors (open_clip PR #358 met this).
+    Returns the forward's normalised embeddings (Encoder normalises again, which changes nothing).
+    Runs with inference mode off (no_grad only): FSDP2 re-creates the parameter shards in its hooks, and under
+    Encoder's inference mode they would come back as inference tensors that the next optimizer step cannot update
+    ("Inplace update to inference tensor outside InferenceMode")."""
+
+    def __init__(self, sharded: nn.Module):
+        super().__init__()
+        self.sharded = sharded
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return self.sharded(pixel_values=pixel_values.clone()).image_embeds  # (B, D)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = False) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            mask = attention_mask.clone() if attention_mask is not None else None
+            return self.sharded(input_ids=input_ids.clone(), attention_mask=mask).text_embeds  # (B, D)
+
+
+def _reshard(model: nn.Module | None) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward with no backward (as evaluation's); shard them
+    again, or the logit-scale clamp and the optimizer would act on the gathered copy."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules() if model is not None else ():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the FSDP1 / activation-checkpointing wrapper components."""
+    return ".".join(part for part in name.split(".")
+                    if part not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
 
 
 class _StateView:
     """A model whose state_dict is a given one (what FSDP / DeepSpeed hand to `_save`), for save_pretrained."""
 
     def __init__(self, model: nn.Module, state_dict: dict):
-        self.config, self._state = model.config, state_dict
-        self.checkpoint_dir = model.checkpoint_dir
+        # The learnt scalars are (1,) parameters; a gathered FSDP2 state dict keeps that shape, checkpoints store
+        # them 0-d (see model._ScalarParameter).
+        scalars = set(scalar_keys(model))
+        self.config, self.checkpoint_dir = model.config, model.checkpoint_dir
+        self._state = {k: v.reshape(()) if k in scalars and v.numel() == 1 else v for k, v in state_dict.items()}
 
     def state_dict(self) -> dict:
         return self._state
