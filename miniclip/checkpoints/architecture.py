@@ -230,10 +230,15 @@ def config_from_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None, w
     for key in ("init_logit_scale", "init_logit_bias"):
         if model_cfg.get(key) is not None:
             data[key] = model_cfg[key]
+    return checkpoint_config(data, where)
+
+
+def checkpoint_config(data: dict, where: str) -> ClipConfig:
+    """ClipConfig.from_dict for a config a checkpoint carries: a bad one is a CheckpointError naming `where`."""
     try:
         return ClipConfig.from_dict(data, where=where)
     except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise CheckpointError(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def architecture(config: ClipConfig) -> dict:

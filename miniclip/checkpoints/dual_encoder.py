@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
+from miniclip.checkpoints.architecture import checkpoint_config
 from miniclip.checkpoints.io import CheckpointError
 from miniclip.config import ClipConfig
 from miniclip.files import atomic_write_json, save_safetensors
@@ -79,10 +80,7 @@ def dual_encoder_config_to_miniclip(hf_config: dict, folder: Path, where: str) -
     data = {"embed_dim": hf_config.get("projection_dim", 512), "vision_cfg": vision_cfg, "text_cfg": text_cfg,
             "preprocess_cfg": preprocess, "init_logit_scale": hf_config.get("logit_scale_init_value", 2.6592),
             "name": folder.name}
-    try:
-        return ClipConfig.from_dict(data, where=where)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    return checkpoint_config(data, where)
 
 
 def check_exportable(config: ClipConfig) -> None:

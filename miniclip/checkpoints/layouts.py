@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Literal, get_args
 
 from miniclip.checkpoints import chinese_clip, dual_encoder, hf_clip, runs
-from miniclip.checkpoints.architecture import config_from_open_clip
+from miniclip.checkpoints.architecture import checkpoint_config, config_from_open_clip
 from miniclip.checkpoints.io import (OPENAI_EXTRA_KEYS, CheckpointError, read_checkpoint, run_entries,
                                      safetensors_metadata, unwrap_state_dict)
 from miniclip.config import ClipConfig
@@ -180,12 +180,7 @@ def _miniclip_folder(directory: Path, layout: str, allow_unsafe_pickle: bool) ->
     if not (directory / CONFIG_FILE).is_file():
         return None
     ckpt = read_file(_weights(directory, (MODEL_FILE,), "miniclip"), "miniclip", allow_unsafe_pickle)
-    try:
-        ckpt.config = ClipConfig.from_dict(_read_json(directory / CONFIG_FILE), where=str(directory / CONFIG_FILE))
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    ckpt.config = checkpoint_config(_read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
     return ckpt
 
 

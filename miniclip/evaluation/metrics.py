@@ -40,24 +40,25 @@ def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (scores > target_score).sum(1) + ((scores == target_score) & earlier).sum(1)
 
 
+def _score_chunks(queries: torch.Tensor, gallery: torch.Tensor):
+    """(start, scores (C, N_gallery)) for consecutive chunks of queries, so memory stays bounded."""
+    step = _chunk_rows(len(queries), len(gallery))
+    for start in range(0, len(queries), step):
+        yield start, queries[start:start + step] @ gallery.T
+
+
 def text_to_image_ranks(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                         text_to_image: torch.Tensor) -> torch.Tensor:
     """Each caption queries the image gallery; its target is its own image. Returns 0-based ranks (N_txt,)."""
-    ranks = []
-    step = _chunk_rows(len(text_embeds), len(image_embeds))
-    for start in range(0, len(text_embeds), step):
-        scores = text_embeds[start:start + step] @ image_embeds.T  # (C, N_img)
-        ranks.append(_rank_of(scores, text_to_image[start:start + step]))
-    return torch.cat(ranks)
+    return torch.cat([_rank_of(scores, text_to_image[start:start + len(scores)])
+                      for start, scores in _score_chunks(text_embeds, image_embeds)])
 
 
 def image_to_text_ranks(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
                         text_to_image: torch.Tensor) -> torch.Tensor:
     """Each image queries the caption gallery; its rank is that of its best-ranked own caption. (N_img,)"""
     ranks = []
-    step = _chunk_rows(len(image_embeds), len(text_embeds))
-    for start in range(0, len(image_embeds), step):
-        scores = image_embeds[start:start + step] @ text_embeds.T  # (C, N_txt)
+    for start, scores in _score_chunks(image_embeds, text_embeds):  # scores (C, N_txt)
         image_ids = torch.arange(start, start + len(scores), device=scores.device)
         positive = text_to_image.unsqueeze(0) == image_ids.unsqueeze(1)  # (C, N_txt)
         if not positive.any(1).all():
