@@ -23,6 +23,7 @@ from miniclip.data.captions import CaptionRecord, read_caption_file
 from miniclip.data.dataset import ClipCollator, EpochCallback, build_dataset
 from miniclip.data.synthetic import ensure_synthetic
 from miniclip.evaluation.metrics import is_retrieval_metric
+from miniclip.evaluation.zeroshot import limit_per_class, read_image_folder
 from miniclip.model import LogitBias, MiniClip
 from miniclip.tokenizer import get_tokenizer
 from miniclip.training.arguments import ClipTrainingArguments, DataArguments, ModelArguments, parse_args
@@ -74,6 +75,8 @@ def build_model(args: ModelArguments):
         config = ClipConfig.from_dict(data, where=f"model config {args.model_config}")  # validated again
         model, tokenizer = MiniClip(config), get_tokenizer(config)
     model.logit_scale.logit_scale.requires_grad_(args.learn_logit_scale)
+    if args.patch_dropout is not None:
+        model.set_patch_dropout(args.patch_dropout)
     return model, tokenizer
 
 
@@ -138,8 +141,8 @@ def _setup_logging(training_args: ClipTrainingArguments) -> None:
 
 
 def _report(name: str, metrics: dict) -> None:
-    keys = [k for k in metrics if is_retrieval_metric(k)]
-    logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
+    keys = [k for k in metrics if is_retrieval_metric(k) or k.endswith(("zeroshot_top1", "zeroshot_top5"))]
+    logger.info("%s: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
 
 
 def main(argv: list[str] | None = None) -> RunResult:
@@ -159,6 +162,11 @@ def main(argv: list[str] | None = None) -> RunResult:
     records = read_caption_file(data_args.train_file, image_root=data_args.image_root, on_bad=data_args.on_bad)
     eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples)
     test_records = read_eval_records(data_args.test_file, data_args, None)
+    heldout_records = read_eval_records(data_args.heldout_file, data_args, data_args.max_eval_samples)
+    zeroshot_folder = None
+    if data_args.zeroshot_dir is not None:
+        zeroshot_folder = limit_per_class(read_image_folder(data_args.zeroshot_dir, data_args.zeroshot_class_map),
+                                          data_args.zeroshot_per_class)
     model, tokenizer = build_model(model_args)
     image_size = model.config.vision_cfg.image_size
     train_dataset = build_dataset(records, model.config, train=data_args.augment, caption_mode=data_args.caption_mode,
@@ -170,7 +178,9 @@ def main(argv: list[str] | None = None) -> RunResult:
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer), processing_class=tokenizer,
                           eval_transform=image_transform(model.config, train=False, image_size=image_size),
-                          callbacks=[EpochCallback(train_dataset)])
+                          callbacks=[EpochCallback(train_dataset)], zeroshot_folder=zeroshot_folder,
+                          zeroshot_templates=data_args.zeroshot_templates,
+                          extra_eval_datasets={"heldout": heldout_records} if heldout_records else None)
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # miniclip folder in output_dir: MiniClip.from_pretrained(output_dir)
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     trainer.save_state()
 
     eval_metrics = test_metrics = None
-    if eval_records:
+    if eval_records or heldout_records or zeroshot_folder is not None:
         eval_metrics = trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         _report("validation", eval_metrics)

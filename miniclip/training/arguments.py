@@ -14,6 +14,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from miniclip.config import check_literal
 from miniclip.data.captions import BadSamplePolicy
 from miniclip.data.dataset import CaptionMode
+from miniclip.evaluation.zeroshot import TemplateSet
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
 from miniclip.training.locking import Locks
 
@@ -55,6 +56,10 @@ class ModelArguments:
         "Initial logit bias of the sigmoid loss (default -10 for --loss siglip, as SigLIP).")})
     loss: LossKind = field(default="clip", metadata={"help": (
         "'clip': symmetric cross-entropy (InfoNCE); 'siglip': pairwise sigmoid loss with a learnt bias.")})
+    patch_dropout: float | None = field(default=None, metadata={"help": (
+        "FLIP patch dropout (Li et al. 2023) on a ViT image tower: the fraction of patch tokens dropped at random in "
+        "each training forward (class token kept; evaluation sees all), e.g. 0.5 for about 2x less image-tower "
+        "compute. Default: the model config's (vision_cfg.patch_dropout, normally 0).")})
 
     def __post_init__(self):
         check_literal(self.loss, LossKind, "loss")
@@ -64,6 +69,8 @@ class ModelArguments:
         for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"--patch_dropout={self.patch_dropout} must be in [0, 1) (0 = off)")
         if self.unlock_image_step is not None:
             if self.unlock_image_step < 1:
                 raise ValueError(f"--unlock_image_step={self.unlock_image_step} must be >= 1 (an optimizer step)")
@@ -99,11 +106,26 @@ class DataArguments:
     synthetic_dir: str | None = field(default=None, metadata={"help": (
         "Default run only: where the synthetic set is cached (default $MINICLIP_CACHE/synthetic or "
         "~/.cache/miniclip/synthetic).")})
+    zeroshot_dir: str | None = field(default=None, metadata={"help": (
+        "Image folder with one subfolder per class (as test.py --zeroshot_dir): zero-shot accuracy at every "
+        "evaluation, logged as eval_zeroshot_top1 / eval_zeroshot_top5 (usable as --metric_for_best_model "
+        "zeroshot_top1), plotted in zeroshot_curves.png. Shows what a finetune forgets.")})
+    zeroshot_class_map: str | None = field(default=None, metadata={"help": (
+        'JSON {"folder": "class name"} for the zero-shot prompts (default: folder names, _ as spaces).')})
+    zeroshot_templates: TemplateSet = field(default="auto", metadata={"help": (
+        "Zero-shot prompt templates: auto (Chinese for a BERT text tower, else CLIP's 80 English), english, "
+        "chinese, simple.")})
+    zeroshot_per_class: int | None = field(default=None, metadata={"help": (
+        "Use only the first N images of each zero-shot class (a cheaper evaluation during training).")})
+    heldout_file: str | None = field(default=None, metadata={"help": (
+        "A second caption file evaluated at every evaluation beside --validation_file, logged as eval_heldout_* "
+        "(e.g. the domain a pretrained model knew, while --validation_file is the finetuning domain).")})
 
     def __post_init__(self):
         check_literal(self.caption_mode, CaptionMode, "caption_mode")
         check_literal(self.on_bad, BadSamplePolicy, "on_bad")
-        for name in ("max_train_samples", "max_eval_samples"):
+        check_literal(self.zeroshot_templates, TemplateSet, "zeroshot_templates")
+        for name in ("max_train_samples", "max_eval_samples", "zeroshot_per_class"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive number of images")
 
@@ -137,10 +159,20 @@ class ClipTrainingArguments(TrainingArguments):
         "Gather features from all processes with gradients (exact). False saves memory but drops the gradient "
         "through other processes' copies of the features.")})
 
+    image_layer_decay: float = field(default=1.0, metadata={"help": (
+        "Layer-wise lr decay of the image tower (BEiT-style): block i of L trains at lr * decay^(L + 1 - i), the "
+        "patch / position embeddings at lr * decay^(L + 1), the final norm and projection at lr. 1 = off; "
+        "0.65-0.85 is usual when finetuning a pretrained model. The groups are logged at the start.")})
+    text_layer_decay: float = field(default=1.0, metadata={"help": (
+        "Layer-wise lr decay of the text tower (token / position embeddings deepest, projection at the full lr).")})
+
     def __post_init__(self):
         super().__post_init__()
         if self.feature_accum_steps < 1:
             raise ValueError(f"feature_accum_steps={self.feature_accum_steps} must be >= 1 (1 = off)")
+        for name in ("image_layer_decay", "text_layer_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be in (0, 1] (1 = off)")
 
 
 def as_argv(values: dict) -> list[str]:
