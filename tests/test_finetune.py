@@ -233,3 +233,59 @@ def test_patch_dropout_is_identity_in_eval_and_settable():
         _model("tiny-resnet").set_patch_dropout(0.5)
     with pytest.raises(ValueError, match="patch_dropout"):
         dropped.set_patch_dropout(1.0)
+
+
+# --- WiSE-FT ----------------------------------------------------------------------------------------------------------
+def test_wise_ft_ends_are_bit_identical_and_the_middle_is_the_average():
+    from miniclip.checkpoints.wise_ft import interpolate_state_dicts, wise_ft
+    a, b = _model(seed=0), _model(seed=1)
+    sa, sb = a.state_dict(), b.state_dict()
+    for alpha, same in ((0, sa), (1, sb)):
+        mixed = wise_ft(a, b, alpha).state_dict()
+        assert all(torch.equal(mixed[k], same[k]) for k in sa)
+    half = wise_ft(a, b, 0.5).state_dict()
+    key = "image_encoder.visual.transformer.resblocks.0.attn.in_proj_weight"
+    hand = [(x + y) / 2 for x, y in zip(sa[key].flatten()[:5].tolist(), sb[key].flatten()[:5].tolist())]
+    assert half[key].flatten()[:5].tolist() == pytest.approx(hand, rel=1e-6)
+    assert all(torch.equal(half[k], (sa[k] + sb[k]) / 2) for k in sa if sa[k].is_floating_point())
+    assert half["logit_scale.logit_scale"].item() == pytest.approx((sa["logit_scale.logit_scale"].item()
+                                                                    + sb["logit_scale.logit_scale"].item()) / 2)
+    quarter = interpolate_state_dicts({"w": torch.tensor([0.0, 4.0], dtype=torch.bfloat16)},
+                                      {"w": torch.tensor([8.0, 0.0], dtype=torch.bfloat16)}, 0.25)
+    assert quarter["w"].dtype == torch.bfloat16 and quarter["w"].tolist() == [2.0, 3.0]
+    assert torch.equal(sa[key], a.state_dict()[key])  # inputs untouched
+
+
+def test_wise_ft_refuses_different_architectures():
+    from miniclip.checkpoints.wise_ft import wise_ft
+    with pytest.raises(ValueError, match="same architecture.*vision width"):
+        wise_ft(_model("tiny-vit"), _model(width=128, head_width=32), 0.5)
+    with pytest.raises(ValueError, match="patch size"):
+        wise_ft(_model("tiny-vit"), _model("tiny-default"), 0.5)
+
+
+def test_wise_ft_app_writes_models_table_and_plot(tmp_path):
+    """Any loadable layout in (an open_clip folder here), miniclip folders out, evaluated; alpha 1 reloads equal to
+    the finetuned model."""
+    from miniclip.apps.wise_ft import main
+    zeroshot, finetuned = _model(seed=0), _model(seed=1)
+    zeroshot.save_pretrained(tmp_path / "zs", format="open_clip")
+    finetuned.save_pretrained(tmp_path / "ft")
+    entries = []
+    for i, colour in enumerate(COLOURS):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"c{i}.png")
+        entries.append({"image": f"c{i}.png", "caption": [f"colour number {i}"]})
+    (tmp_path / "target.json").write_text(json.dumps(entries[:4]))
+    (tmp_path / "heldout.json").write_text(json.dumps(entries[2:]))
+    folder = _image_folder(tmp_path / "classes", per_class=1)
+    out = tmp_path / "sweep"
+    results = main(["--zeroshot", str(tmp_path / "zs"), "--finetuned", str(tmp_path / "ft"), "--alphas", "0", "0.5",
+                    "1", "--eval_files", str(tmp_path / "target.json"), str(tmp_path / "heldout.json"),
+                    "--zeroshot_dir", str(folder), "--output_dir", str(out), "--no_progress"])
+    assert [r["alpha"] for r in results["rows"]] == [0, 0.5, 1]
+    assert {"target_mean_recall", "heldout_mean_recall", "zeroshot_top1"} <= set(results["rows"][0])
+    assert (out / "wise_ft_tradeoff.png").is_file() and "| 0.5 |" in (out / "results.md").read_text()
+    reloaded = MiniClip.from_pretrained(out / "alpha_1")
+    assert all(torch.equal(v, finetuned.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    reloaded = MiniClip.from_pretrained(out / "alpha_0")
+    assert all(torch.equal(v, zeroshot.state_dict()[k]) for k, v in reloaded.state_dict().items())
