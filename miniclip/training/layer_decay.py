@@ -75,6 +75,7 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay_n
             raise ValueError(f"{what}={value} must be in (0, 1] (1 = off)")
     factor = {"image": image_decay, "text": text_decay, "other": 1.0}
     groups: dict[str, dict] = {}
+    order: dict[str, tuple] = {}  # groups listed image, text, other; embeddings first; decay before no decay
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -85,9 +86,10 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay_n
             scale = factor[where.tower] ** (where.depth - where.layer)
             groups[key] = {"params": [], "param_names": [], "name": key, "lr": lr * scale,
                            "weight_decay": weight_decay if decays else 0.0}
+            order[key] = (list(factor).index(where.tower), where.layer, not decays)
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
-    return list(groups.values())
+    return [groups[key] for key in sorted(groups, key=order.__getitem__)]
 
 
 def describe_groups(groups: list[dict]) -> str:
