@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from miniclip.apps.cli import parse_dataclass, run_cli
+from miniclip.apps.evaluate import Device
 from miniclip.checkpoints import load_model_and_tokenizer, save_pretrained
 from miniclip.checkpoints.wise_ft import check_same_architecture, wise_ft
 from miniclip.config import check_literal
@@ -51,12 +52,15 @@ class WiseFtArguments:
     output_dir: str = field(default="wise_ft", metadata={"help": "alpha_<a>/ folders, results.json/.md, PNG."})
     save_models: bool = field(default=True, metadata={"help": "Write each interpolated model as a miniclip folder."})
     batch_size: int = field(default=256, metadata={"help": "Images per batch."})
-    device: str = field(default="cpu", metadata={"help": "Torch device for evaluation."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or mps."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for evaluation."})
     progress: bool = field(default=True, metadata={"help": "Progress bars (--no_progress to hide)."})
 
     def __post_init__(self):
         check_literal(self.templates, TemplateSet, "templates")
+        check_literal(self.device, Device, "device")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if not self.alphas:
             raise ValueError("--alphas needs at least one value, e.g. --alphas 0 0.5 1")
         if not self.eval_files and self.zeroshot_dir is None:

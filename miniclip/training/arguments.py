@@ -119,7 +119,8 @@ class DataArguments:
         "Use only the first N images of each zero-shot class (a cheaper evaluation during training).")})
     heldout_file: str | None = field(default=None, metadata={"help": (
         "A second caption file evaluated at every evaluation beside --validation_file, logged as eval_heldout_* "
-        "(e.g. the domain a pretrained model knew, while --validation_file is the finetuning domain).")})
+        "(e.g. the domain a pretrained model knew, while --validation_file is the finetuning domain); "
+        "--max_eval_samples applies to it too.")})
 
     def __post_init__(self):
         check_literal(self.caption_mode, CaptionMode, "caption_mode")
