@@ -77,6 +77,9 @@ class VisionConfig:
     @property
     def is_timm(self) -> bool:
         return self.timm_model_name is not None
+    # FLIP (Li et al., CVPR 2023): fraction of patch tokens dropped at random in training (class token kept; open_clip's
+    # PatchDropout). ViT only; evaluation always sees every patch.
+    patch_dropout: float = 0.0
 
     @property
     def is_resnet(self) -> bool:
@@ -90,6 +93,10 @@ class VisionConfig:
     def __post_init__(self):
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"vision_cfg.patch_dropout={self.patch_dropout} must be in [0, 1) (0 = off)")
+        if self.is_resnet and self.patch_dropout:
+            raise ValueError("vision_cfg.patch_dropout needs a ViT image tower (patch tokens); this one is a ResNet")
         if self.is_timm or self.pretrained is not None:
             return self._check_timm()
         if self.is_resnet:
@@ -224,6 +231,8 @@ class ClipConfig:
         v, t = self.vision_cfg, self.text_cfg
         vision = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.head_width,
                       mlp_ratio=v.mlp_ratio, patch_size=v.patch_size or 16)
+        if v.patch_dropout:  # open_clip builds its PatchDropout from this key (left out at 0: the published shape)
+            vision["patch_dropout"] = v.patch_dropout
         text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
                     layers=t.layers, mlp_ratio=t.mlp_ratio)
         return dict(embed_dim=self.embed_dim, quick_gelu=self.quick_gelu, vision_cfg=vision, text_cfg=text)

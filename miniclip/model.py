@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import lock_text_tower
+from open_clip.transformer import PatchDropout, lock_text_tower
 from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.utils import ModelOutput
@@ -228,6 +228,18 @@ class MiniClip(nn.Module):
             lock_hf_text_tower(self.text_encoder, unlocked_layers)
         else:
             lock_text_tower(self.text_encoder, unlocked_layers)
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """FLIP patch dropout (Li et al., CVPR 2023) on the ViT image tower: in training, keep a random
+        int(N * (1 - prob)) of the N patch tokens (class token always kept), through open_clip's own `PatchDropout`;
+        evaluation sees every patch. 0 switches it off. Recorded in the config, so saved models keep the setting."""
+        if (self.config.vision_cfg.is_resnet or self.config.vision_cfg.is_timm) and prob:
+            raise ValueError("patch dropout needs an open_clip ViT image tower (patch tokens); this model's is a "
+                             f"{'timm model' if self.config.vision_cfg.is_timm else 'ResNet'}")
+        self.config.vision_cfg.patch_dropout = float(prob)
+        self.config.vision_cfg.__post_init__()  # range check
+        if not (self.config.vision_cfg.is_resnet or self.config.vision_cfg.is_timm):
+            self.image_encoder.visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False):

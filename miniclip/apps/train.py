@@ -28,6 +28,7 @@ from miniclip.data.streaming import (STREAM_STATE, StreamStateCallback, build_st
 from miniclip.data.synthetic import ensure_synthetic
 from miniclip.distributed import from_main_process
 from miniclip.evaluation.metrics import is_retrieval_metric
+from miniclip.evaluation.zeroshot import limit_per_class, read_image_folder
 from miniclip.model import LogitBias, MiniClip
 from miniclip.tokenizer import get_tokenizer
 from miniclip.training.arguments import ClipTrainingArguments, DataArguments, ModelArguments, parse_args
@@ -82,6 +83,8 @@ def build_model(args: ModelArguments):
             model = inherit_weights(args, config)
             tokenizer = get_tokenizer(config, checkpoint_dir=model.load_info.directory)
     model.logit_scale.logit_scale.requires_grad_(args.learn_logit_scale)
+    if args.patch_dropout is not None:
+        model.set_patch_dropout(args.patch_dropout)
     return model, tokenizer
 
 
@@ -212,8 +215,20 @@ def _setup_logging(training_args: ClipTrainingArguments) -> None:
 
 
 def _report(name: str, metrics: dict) -> None:
-    keys = [k for k in metrics if is_retrieval_metric(k)]
-    logger.info("%s retrieval: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
+    keys = [k for k in metrics if is_retrieval_metric(k) or k.endswith(("zeroshot_top1", "zeroshot_top5"))]
+    logger.info("%s: %s", name, ", ".join(f"{k.split('_', 1)[1]} {metrics[k]:.2f}" for k in keys))
+
+
+def evaluation_data(data_args: DataArguments, output_dir: str):
+    """(validation, test, held-out records, zero-shot folder): what evaluate() scores, each None when not given."""
+    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples, output_dir)
+    test_records = read_eval_records(data_args.test_file, data_args, None, output_dir)
+    heldout_records = read_eval_records(data_args.heldout_file, data_args, data_args.max_eval_samples, output_dir)
+    zeroshot_folder = None
+    if data_args.zeroshot_dir is not None:
+        zeroshot_folder = limit_per_class(read_image_folder(data_args.zeroshot_dir, data_args.zeroshot_class_map),
+                                          data_args.zeroshot_per_class)
+    return eval_records, test_records, heldout_records, zeroshot_folder
 
 
 def train_data(data_args: DataArguments, training_args: ClipTrainingArguments, config, records, teacher, streamed: bool):
@@ -246,9 +261,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
     # Caption files first: a bad file fails in a second, before any model is built.
     records = None if streamed else read_caption_file(data_args.train_file, image_root=data_args.image_root,
                                                       on_bad=data_args.on_bad, **data_args.caption_file_kwargs())
-    eval_records = read_eval_records(data_args.validation_file, data_args, data_args.max_eval_samples,
-                                     training_args.output_dir)
-    test_records = read_eval_records(data_args.test_file, data_args, None, training_args.output_dir)
+    eval_records, test_records, heldout_records, zeroshot_folder = evaluation_data(data_args, training_args.output_dir)
     model, tokenizer = build_model(model_args)
     teacher, teacher_tokenizer = build_teacher(model_args)
     image_size = model.config.vision_cfg.image_size
@@ -262,7 +275,9 @@ def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
     trainer = ClipTrainer(model, training_args, loss=model_args.loss, locks=model_args.locks(), train_dataset=train_dataset,
                           eval_dataset=eval_records, data_collator=ClipCollator(tokenizer, teacher_tokenizer),
                           processing_class=tokenizer, teacher=teacher, callbacks=list(callbacks),
-                          eval_transform=image_transform(model.config, train=False, image_size=image_size))
+                          eval_transform=image_transform(model.config, train=False, image_size=image_size),
+                          zeroshot_folder=zeroshot_folder, zeroshot_templates=data_args.zeroshot_templates,
+                          extra_eval_datasets={"heldout": heldout_records} if heldout_records else None)
     resume = resolve_checkpoint_on_main(training_args.resume_from_checkpoint, training_args.output_dir,
                                         (STREAM_STATE,) if streamed else ())
     trainer.add_callback(StreamStateCallback(resume) if streamed else EpochCallback(train_dataset))
@@ -273,7 +288,7 @@ def main(argv: list[str] | None = None, callbacks=()) -> RunResult:
     trainer.save_state()
 
     eval_metrics = test_metrics = None
-    if eval_records:
+    if eval_records or heldout_records or zeroshot_folder is not None:
         eval_metrics = trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         _report("validation", eval_metrics)

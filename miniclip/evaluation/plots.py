@@ -100,3 +100,19 @@ def plot_curves(history: Sequence[dict], path: str | Path, keys: Sequence[str] |
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def wise_ft_tradeoff(rows: Sequence[dict], target_key: str, heldout_keys: Sequence[str], path: str | Path) -> Path:
+    """WiSE-FT's trade-off (Wortsman et al. 2022, Fig. 1): one panel per held-out metric (x) against the target
+    metric (y), one point per alpha joined in alpha order and labelled with it. `rows` hold "alpha" and the keys."""
+    fig, axes = plt.subplots(1, len(heldout_keys), figsize=(4.2 * len(heldout_keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], heldout_keys):
+        xs, ys = [r[key] for r in rows], [r[target_key] for r in rows]
+        ax.plot(xs, ys, marker="o")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"α={r['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f"{key} (what it knew)")
+        ax.set_ylabel(f"{target_key} (target)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("WiSE-FT: interpolating zero-shot (α=0) and finetuned (α=1) weights")
+    return _save(fig, path)

@@ -17,6 +17,7 @@ from PIL import Image
 from miniclip.config import check_literal
 from miniclip.evaluation.encode import Encoder
 from miniclip.files import read_mapping_file
+from miniclip.evaluation.metrics import zeroshot_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +145,28 @@ def read_image_folder(root: str | Path, class_map: str | Path | None = None) -> 
     if ignored:
         logger.warning("%s: ignored %d file(s) that are not images", root, ignored)
     return ImageFolder(paths, labels, folders, read_class_map(class_map, folders), ignored)
+
+
+def limit_per_class(folder: ImageFolder, per_class: int | None) -> ImageFolder:
+    """The first `per_class` images of each class (all when None): a balanced subset for quick evaluations."""
+    if per_class is None:
+        return folder
+    if per_class <= 0:
+        raise ValueError(f"per_class={per_class} must be a positive number of images")
+    seen: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(folder.labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= per_class:
+            keep.append(i)
+    return ImageFolder([folder.paths[i] for i in keep], [folder.labels[i] for i in keep], folder.folders,
+                       folder.classnames, folder.ignored)
+
+
+def evaluate_zeroshot(encoder: Encoder, folder: ImageFolder, templates: Sequence[str]) -> dict[str, float]:
+    """Zero-shot accuracy on an image folder: the classifier from the class names and templates, then every
+    readable image scored against it. Keys: zeroshot_top1, zeroshot_top5 (with >= 5 classes),
+    zeroshot_mean_per_class (percent); unreadable images are skipped (logged)."""
+    classifier = zeroshot_classifier(encoder, folder.classnames, templates)  # (C, D)
+    image_embeds, kept = encoder.image_files(folder.paths, skip_unreadable=True)  # (N, D)
+    return zeroshot_metrics(image_embeds, classifier, torch.tensor(folder.labels)[kept])

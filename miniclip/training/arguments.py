@@ -15,6 +15,7 @@ from miniclip.config import check_literal
 from miniclip.data.captions import BadSamplePolicy, CaptionFileOptions
 from miniclip.data.dataset import CaptionMode
 from miniclip.distillation import DistillKind, FeatureDistance
+from miniclip.evaluation.zeroshot import TemplateSet
 from miniclip.files import MAPPING_SUFFIXES, read_mapping_file
 from miniclip.loss import LossKind
 from miniclip.training.locking import Locks
@@ -68,6 +69,10 @@ class ModelArguments:
         "layer as a comma list for both towers, e.g. '0,3'.")})
     inherit_width: str = field(default="first", metadata={"help": (
         "With --inherit_from: 'first' = a narrower student keeps the teacher's leading channels and heads.")})
+    patch_dropout: float | None = field(default=None, metadata={"help": (
+        "FLIP patch dropout (Li et al. 2023) on a ViT image tower: the fraction of patch tokens dropped at random in "
+        "each training forward (class token kept; evaluation sees all), e.g. 0.5 for about 2x less image-tower "
+        "compute. Default: the model config's (vision_cfg.patch_dropout, normally 0).")})
 
     def __post_init__(self):
         check_literal(self.loss, LossKind, "loss")
@@ -79,6 +84,8 @@ class ModelArguments:
         for name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"--patch_dropout={self.patch_dropout} must be in [0, 1) (0 = off)")
         if self.unlock_image_step is not None:
             if self.unlock_image_step < 1:
                 raise ValueError(f"--unlock_image_step={self.unlock_image_step} must be >= 1 (an optimizer step)")
@@ -122,13 +129,29 @@ class DataArguments(CaptionFileOptions):
         "--streaming: samples in the shuffle buffer (shards are shuffled per pass too). 0 = shard order only; "
         "then a resumed run continues exactly (datasets does not save the buffer's content, so with a buffer "
         "the samples it held at the checkpoint are not seen in that pass).")})
+    zeroshot_dir: str | None = field(default=None, metadata={"help": (
+        "Image folder with one subfolder per class (as test.py --zeroshot_dir): zero-shot accuracy at every "
+        "evaluation, logged as eval_zeroshot_top1 / eval_zeroshot_top5 (usable as --metric_for_best_model "
+        "zeroshot_top1), plotted in zeroshot_curves.png. Shows what a finetune forgets.")})
+    zeroshot_class_map: str | None = field(default=None, metadata={"help": (
+        'JSON {"folder": "class name"} for the zero-shot prompts (default: folder names, _ as spaces).')})
+    zeroshot_templates: TemplateSet = field(default="auto", metadata={"help": (
+        "Zero-shot prompt templates: auto (Chinese for a BERT text tower, else CLIP's 80 English), english, "
+        "chinese, simple.")})
+    zeroshot_per_class: int | None = field(default=None, metadata={"help": (
+        "Use only the first N images of each zero-shot class (a cheaper evaluation during training).")})
+    heldout_file: str | None = field(default=None, metadata={"help": (
+        "A second caption file evaluated at every evaluation beside --validation_file, logged as eval_heldout_* "
+        "(e.g. the domain a pretrained model knew, while --validation_file is the finetuning domain); "
+        "--max_eval_samples applies to it too.")})
 
     def __post_init__(self):
         check_literal(self.caption_mode, CaptionMode, "caption_mode")
         check_literal(self.on_bad, BadSamplePolicy, "on_bad")
         if self.shuffle_buffer < 0:
             raise ValueError(f"--shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 = no buffer)")
-        for name in ("max_train_samples", "max_eval_samples"):
+        check_literal(self.zeroshot_templates, TemplateSet, "zeroshot_templates")
+        for name in ("max_train_samples", "max_eval_samples", "zeroshot_per_class"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be a positive number of images")
 
@@ -182,6 +205,13 @@ class ClipTrainingArguments(TrainingArguments):
     distill_feature_distance: FeatureDistance = field(default="cosine", metadata={"help": (
         "--distill_loss feature: 'cosine' (1 - cos) or 'mse'.")})
 
+    image_layer_decay: float = field(default=1.0, metadata={"help": (
+        "Layer-wise lr decay of the image tower (BEiT-style): block i of L trains at lr * decay^(L + 1 - i), the "
+        "patch / position embeddings at lr * decay^(L + 1), the final norm and projection at lr. 1 = off; "
+        "0.65-0.85 is usual when finetuning a pretrained model. The groups are logged at the start.")})
+    text_layer_decay: float = field(default=1.0, metadata={"help": (
+        "Layer-wise lr decay of the text tower (token / position embeddings deepest, projection at the full lr).")})
+
     def __post_init__(self):
         if (self.bf16 or self.fp16) and not self.use_cpu and not _has_accelerator():
             # transformers would stop with "Your setup doesn't support bf16/gpu": mixed precision on the CPU it is.
@@ -200,6 +230,9 @@ class ClipTrainingArguments(TrainingArguments):
         if self.non_blocking_transfers and self.dataloader_pin_memory and hasattr(self.accelerator_config,
                                                                                   "non_blocking"):
             self.accelerator_config.non_blocking = True
+        for name in ("image_layer_decay", "text_layer_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be in (0, 1] (1 = off)")
 
 
 def _has_accelerator() -> bool:

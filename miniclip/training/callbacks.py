@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -55,7 +56,8 @@ class NonFiniteLossCallback(TrainerCallback):
 
 class CurvesCallback(TrainerCallback):
     """At the end of training: `loss_curve.png` (training loss per logged step) and, when evaluation ran,
-    `recall_curves.png` (retrieval recalls per evaluation) in output_dir, on the main process only."""
+    `recall_curves.png` (retrieval recalls per evaluation) and `zeroshot_curves.png` (zero-shot accuracy per
+    evaluation) in output_dir, on the main process only."""
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -68,4 +70,8 @@ class CurvesCallback(TrainerCallback):
         recalls = sorted(k for k in present if k.startswith("eval_") and is_recall(k))
         if recalls:
             path = plot_curves(history, Path(args.output_dir) / "recall_curves.png", keys=recalls)
+            logger.info("wrote %s", path)
+        zeroshot = sorted(k for k in present if k.startswith("eval_") and re.search(r"zeroshot_top\d+$", k))
+        if zeroshot:  # the "what it knew" curves of a finetune, beside the target-domain recalls
+            path = plot_curves(history, Path(args.output_dir) / "zeroshot_curves.png", keys=zeroshot)
             logger.info("wrote %s", path)

@@ -28,6 +28,7 @@ from miniclip.distributed import world_size
 from miniclip.data.captions import CaptionRecord
 from miniclip.data.streaming import StreamedPairs, stream_loader
 from miniclip.evaluation.encode import Encoder, evaluate_retrieval
+from miniclip.evaluation.zeroshot import ImageFolder, TemplateSet, evaluate_zeroshot, get_templates
 from miniclip.files import atomic_write_text, save_safetensors
 from miniclip.loss import LossKind, build_loss
 from miniclip.model import scalar_keys
@@ -35,6 +36,7 @@ from miniclip.training.arguments import ClipTrainingArguments
 
 __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_parameter_names"]
 from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
+from miniclip.training.layer_decay import describe_groups, layer_decay_groups
 from miniclip.training.locking import Locks, TwoStageCallback, apply_locks, frozen_batchnorms
 from miniclip.training.throughput import ThroughputMeter, TrainingFlops, peak_flops
 from miniclip.transforms import image_transform
@@ -97,6 +99,10 @@ class ClipTrainer(Trainer):
         applied here once; towers the caller locked already stay locked.
     eval_dataset: a list of CaptionRecord (or a dict name -> list); `evaluate()` reports retrieval on them.
     eval_transform: image transform for evaluation (default: the model family's eval transform).
+    zeroshot_folder: an evaluation.zeroshot.ImageFolder; the default evaluation adds zero-shot accuracy on it
+        (templates: zeroshot_templates, "auto" = Chinese for a BERT text tower, else English).
+    extra_eval_datasets: dict name -> list of CaptionRecord, also evaluated by the default evaluation (e.g. a
+        held-out domain next to the target-domain eval_dataset).
     processing_class: the tokenizer (saved with every checkpoint, used by evaluation).
     teacher: a MiniClip to distil from (see distillation.py and `args.distill_loss`): frozen, in eval mode, run
         under no_grad in the run's precision on the inputs the collator prefixed `teacher_` (the student's where
@@ -105,8 +111,14 @@ class ClipTrainer(Trainer):
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; Trainer divides by the accumulation steps
 
     def __init__(self, model: nn.Module, args: TrainingArguments | None = None, *, loss: LossKind = "clip",
-                 locks: Locks | None = None, eval_transform=None, teacher: nn.Module | None = None, **kwargs):
+                 locks: Locks | None = None, eval_transform=None, teacher: nn.Module | None = None,
+                 zeroshot_folder: ImageFolder | None = None, zeroshot_templates: TemplateSet = "auto",
+                 extra_eval_datasets: dict | None = None, **kwargs):
         check_literal(loss, LossKind, "loss")
+        check_literal(zeroshot_templates, TemplateSet, "zeroshot_templates")
+        _check_records(extra_eval_datasets, "extra_eval_datasets")
+        if kwargs.get("eval_dataset") is None and (zeroshot_folder is not None or extra_eval_datasets):
+            kwargs["eval_dataset"] = {}  # no retrieval set of its own; the default evaluation still runs the others
         if loss == "siglip" and getattr(model, "logit_bias", None) is None:
             raise ValueError("loss='siglip' needs a model with a learnt logit_bias: set init_logit_bias in the model "
                              "config (SigLIP uses -10) or pass --init_logit_bias -10 to train.py")
@@ -130,6 +142,8 @@ class ClipTrainer(Trainer):
         # The dataloader yields all micro-batches of one cached-feature step at once: k * per-device batch.
         self._train_batch_size *= self.feature_accum_steps
         self.eval_transform = eval_transform or image_transform(model.config, train=False)
+        self.zeroshot_folder, self.zeroshot_templates = zeroshot_folder, zeroshot_templates
+        self.extra_eval_datasets = dict(extra_eval_datasets or {})
         self._flops, self._throughput = None, ThroughputMeter()  # model FLOPs per step; samples/s and MFU logs
         if self.args.fp16 and self.accelerator.scaler is None and self.args.device.type == "cpu":
             raise ValueError("fp16=True on a CPU: accelerate then trains in fp32, without autocast or GradScaler. "
@@ -351,6 +365,16 @@ class ClipTrainer(Trainer):
         if any(k in optimizer_kwargs for k in ("params", "model", "optimizer_dict")):
             return super().create_optimizer(model)  # GaLore / LOMO / layer-wise optimizers build their own groups
         decay = set(self.get_decay_parameter_names(opt_model))
+        image_decay = getattr(self.args, "image_layer_decay", 1.0)
+        text_decay = getattr(self.args, "text_layer_decay", 1.0)
+        if image_decay != 1.0 or text_decay != 1.0:
+            groups = layer_decay_groups(opt_model, self.args.learning_rate, self.args.weight_decay, decay,
+                                        image_decay, text_decay)
+            if self.is_world_process_zero():
+                logger.info("layer-wise lr decay (image %g, text %g), optimizer groups:\n%s", image_decay,
+                            text_decay, describe_groups(groups))
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
         trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         if self.distill_loss is not None:  # the feature loss's projection trains with the student (and decays)
             trainable += [(f"distill_loss.{n}", p) for n, p in self.distill_loss.named_parameters()]
@@ -407,22 +431,27 @@ class ClipTrainer(Trainer):
     # --- evaluation ---------------------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Retrieval recall on validation records (evaluation.evaluate_retrieval), logged as eval_t2i_R@1 ...
-        eval_mean_recall (usable as metric_for_best_model). Computed on the main process, shared with the others."""
-        records = self.eval_dataset if eval_dataset is None else eval_dataset
+        eval_mean_recall; a dict of record lists is reported per name (eval_<name>_...). The default evaluation
+        (no eval_dataset given, as during training) adds the `extra_eval_datasets` (eval_<name>_...) and zero-shot
+        accuracy on `zeroshot_folder` (eval_zeroshot_top1 / top5 / mean_per_class). All are usable as
+        metric_for_best_model. Computed on the main process, shared with the others."""
+        default = eval_dataset is None
+        records = self.eval_dataset if default else eval_dataset
         _check_records(records, "eval_dataset")
         if records is None:
             raise ValueError("evaluation needs validation records: pass eval_dataset=read_caption_file(...) "
                              "(--validation_file in train.py), or set eval_strategy='no'")
-        if isinstance(records, dict):
+        metrics = None
+        if self.is_world_process_zero():
+            groups = dict(records) if isinstance(records, dict) else {None: records}
+            if default:
+                groups.update(self.extra_eval_datasets)
             metrics = {}
-            for name, group in records.items():
-                metrics.update(self.evaluate(group, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        # A sharded model runs only when every process takes part in its forward (each gathers its parameters
-        # unit by unit), so every process encodes; an unsharded one is encoded on the main process alone.
-        everywhere = is_sharded(self.model_wrapped) or is_sharded(self.model)
-        metrics = (self._retrieval_metrics(records, metric_key_prefix)
-                   if everywhere or self.is_world_process_zero() else None)
+            for name, group in groups.items():
+                metrics.update(self._retrieval_metrics(group, metric_key_prefix if name is None
+                                                       else f"{metric_key_prefix}_{name}"))
+            if default and self.zeroshot_folder is not None:
+                metrics.update(self._zeroshot_metrics(metric_key_prefix))
         if self.accelerator.num_processes > 1:
             box = [metrics]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -439,6 +468,16 @@ class ClipTrainer(Trainer):
         metrics[f"{prefix}_runtime"] = round(time.time() - start, 3)
         return metrics
 
+    def _zeroshot_metrics(self, prefix: str) -> dict[str, float]:
+        """Zero-shot accuracy on the image folder; the class classifier is rebuilt from the current text tower
+        (templates chosen from the model's text tower, as test.py does)."""
+        start = time.time()
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        templates = get_templates(self.zeroshot_templates, model.config)
+        raw = evaluate_zeroshot(self.encoder(), self.zeroshot_folder, templates)
+        metrics = {f"{prefix}_{k}": v for k, v in raw.items()}
+        metrics[f"{prefix}_zeroshot_runtime"] = round(time.time() - start, 3)
+        return metrics
 
     def encoder(self) -> Encoder:
         """How evaluation encodes: the unwrapped model (a sharded one: its wrapper's forward) in the run's precision,
