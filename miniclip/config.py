@@ -95,8 +95,9 @@ class VisionConfig:
             self.layers = list(self.layers)
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"vision_cfg.patch_dropout={self.patch_dropout} must be in [0, 1) (0 = off)")
-        if self.is_resnet and self.patch_dropout:
-            raise ValueError("vision_cfg.patch_dropout needs a ViT image tower (patch tokens); this one is a ResNet")
+        if (self.is_resnet or self.is_timm) and self.patch_dropout:
+            raise ValueError("vision_cfg.patch_dropout needs miniclip's ViT image tower (open_clip's PatchDropout); "
+                             "this one is a ResNet or a timm model (for timm, pass its own options in timm_model_args)")
         if self.is_timm or self.pretrained is not None:
             return self._check_timm()
         if self.is_resnet:
