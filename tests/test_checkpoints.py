@@ -374,8 +374,8 @@ def test_hf_export_round_trip_is_exact(tmp_path, name):
 def test_open_clip_export_refuses_bert_text_tower(tmp_path):
     with pytest.raises(ValueError, match="format='hf'"):
         _random_model("tiny-chinese-vit").save_pretrained(tmp_path, format="open_clip")
-    with pytest.raises(ValueError, match=r"format='onnx' is not one of \['miniclip', 'hf', 'open_clip'\]"):
-        _random_model("tiny-vit").save_pretrained(tmp_path, format="onnx")
+    with pytest.raises(ValueError, match=r"format='tflite' is not one of \['miniclip', 'hf', 'open_clip', 'onnx'\]"):
+        _random_model("tiny-vit").save_pretrained(tmp_path, format="tflite")
 
 
 def test_save_is_atomic_and_keeps_the_old_checkpoint_on_failure(tmp_path, monkeypatch):

@@ -148,7 +148,10 @@ def _with_sizes(config: ClipConfig, image_size: int | None, context_length: int 
 # --- strict validation --------------------------------------------------------------------------------------------------
 def check_vocabulary(config: ClipConfig, ckpt: Checkpoint) -> None:
     """The token embedding needs a row for every id the tower's tokenizer emits; fewer rows would load and then
-    fail in encode_text with a bare IndexError. (More rows are fine: unused ids.)"""
+    fail in encode_text with a bare IndexError. (More rows are fine: unused ids.) A transformers text tower
+    carries its own vocabulary in its config, so there is nothing to compare."""
+    if config.text_cfg.tower == "hf":
+        return
     try:
         tokenizer = get_tokenizer(config, checkpoint_dir=ckpt.directory)
     except FileNotFoundError:
