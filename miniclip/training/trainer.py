@@ -441,23 +441,29 @@ class ClipTrainer(Trainer):
         if records is None:
             raise ValueError("evaluation needs validation records: pass eval_dataset=read_caption_file(...) "
                              "(--validation_file in train.py), or set eval_strategy='no'")
-        metrics = None
-        if self.is_world_process_zero():
-            groups = dict(records) if isinstance(records, dict) else {None: records}
-            if default:
-                groups.update(self.extra_eval_datasets)
-            metrics = {}
-            for name, group in groups.items():
-                metrics.update(self._retrieval_metrics(group, metric_key_prefix if name is None
-                                                       else f"{metric_key_prefix}_{name}"))
-            if default and self.zeroshot_folder is not None:
-                metrics.update(self._zeroshot_metrics(metric_key_prefix))
+        # A sharded model runs only when every process takes part in its forward (each gathers its parameters
+        # unit by unit), so every process encodes; an unsharded one is encoded on the main process alone.
+        everywhere = is_sharded(self.model_wrapped) or is_sharded(self.model)
+        metrics = (self._all_metrics(records, default, metric_key_prefix)
+                   if everywhere or self.is_world_process_zero() else None)
         if self.accelerator.num_processes > 1:
             box = [metrics]
             torch.distributed.broadcast_object_list(box, src=0)
             metrics = box[0]
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _all_metrics(self, records, default: bool, prefix: str) -> dict[str, float]:
+        """Retrieval on each record group (the extra sets too in the default evaluation), then zero-shot."""
+        groups = dict(records) if isinstance(records, dict) else {None: records}
+        if default:
+            groups.update(self.extra_eval_datasets)
+        metrics = {}
+        for name, group in groups.items():
+            metrics.update(self._retrieval_metrics(group, prefix if name is None else f"{prefix}_{name}"))
+        if default and self.zeroshot_folder is not None:
+            metrics.update(self._zeroshot_metrics(prefix))
         return metrics
 
     def _retrieval_metrics(self, records: list[CaptionRecord], prefix: str) -> dict[str, float]:
