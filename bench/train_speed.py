@@ -31,25 +31,13 @@ from bench.common import (bench_main, captions, fmt, interleave, markdown_table,
 
 IMPLS = ("miniclip", "open_clip", "transformers")
 ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched against
-# torch.cuda.get_device_name() in this order (the first match wins: "H100 PCIe" before "H100"). Datasheets quote the
-# 2:4-sparse figure first; the dense one is about half of it. MFU is reported against both this figure and the peak
-# this script measures with a large matmul (what the GPU really sustains at its clocks and power limit).
-DATASHEET_BF16_TFLOPS = (
-    (r"\bGH200\b", 989.0, "GH200 (H100 SXM-class)"), (r"\bH200 NVL\b", 835.0, "H200 NVL"),
-    (r"\bH200\b", 989.0, "H200 SXM"), (r"\bH100 PCIe\b", 756.0, "H100 PCIe"), (r"\bH100 NVL\b", 835.0, "H100 NVL"),
-    (r"\bH100\b", 989.0, "H100 SXM"), (r"\bA100\b", 312.0, "A100"),
-    (r"\bL40S\b", 362.0, "L40S"), (r"\bL4\b", 121.0, "L4"), (r"\bA10\b", 125.0, "A10"),
-)
-
-
 def datasheet_peak(device_name: str) -> tuple[float, str] | None:
-    """(dense bf16 TFLOP/s, part) from DATASHEET_BF16_TFLOPS for a CUDA device name, or None when not listed."""
-    import re
-    for pattern, tflops, part in DATASHEET_BF16_TFLOPS:
-        if re.search(pattern, device_name):
-            return tflops, part
-    return None
+    """(dense bf16 TFLOP/s, part) from miniclip's own datasheet table (training/throughput.py, the one the training
+    logs use), or None when the GPU is not listed. MFU is reported against both this figure and the peak this script
+    measures with a large matmul (what the GPU really sustains at its clocks and power limit)."""
+    from miniclip.training.throughput import gpu_datasheet
+    found = gpu_datasheet(device_name)
+    return (found[0]["bf16"], found[1]) if found else None
 
 
 def hf_clip_model(config):
@@ -329,7 +317,7 @@ def table(measured: dict, args) -> str:
     batch = f"batch {args.batch}" + (" (the largest power of two that fits every implementation)"
                                      if getattr(args, "batch_probed", False) else "")
     sheet_text = (f" Datasheet dense bf16 peak ({sheet[1]}): {sheet[0]:.0f} TFLOP/s." if sheet else
-                  " Datasheet peak: this GPU is not in DATASHEET_BF16_TFLOPS." if args.device == "cuda" else "")
+                  " Datasheet peak: this GPU is not in miniclip.training.throughput.GPU_PEAK_TFLOPS." if args.device == "cuda" else "")
     head = (f"Training, {args.config}, {batch}, {args.device}, {args.threads} threads, median of "
             f"{args.reps} runs x {args.steps} steps. Matmul peak measured: " +
             ", ".join(f"{p} {v / 1e12:.1f} TFLOP/s" for p, v in peaks.items()) + f".{sheet_text} "

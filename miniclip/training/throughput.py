@@ -18,18 +18,18 @@ from miniclip.model import MiniClip
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets per precision: fp32 (CUDA cores), tf32 and 16-bit
 # (bf16 = fp16) on tensor cores. Matched against torch.cuda.get_device_name() in this order, the first match winning
-# ("H100 PCIe" before "H100"); the bf16 column is bench/train_speed.py's DATASHEET_BF16_TFLOPS.
+# ("H100 PCIe" before "H100"). bench/train_speed.py reads its bf16 column too.
 GPU_PEAK_TFLOPS = (
-    (r"\bGH200\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
-    (r"\bH200 NVL\b", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
-    (r"\bH200\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
-    (r"\bH100 PCIe\b", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0}),
-    (r"\bH100 NVL\b", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
-    (r"\bH100\b", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
-    (r"\bA100\b", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
-    (r"\bL40S\b", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
-    (r"\bL4\b", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
-    (r"\bA10\b", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0}),
+    (r"\bGH200\b", "GH200 (H100 SXM-class)", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bH200 NVL\b", "H200 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    (r"\bH200\b", "H200 SXM", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bH100 PCIe\b", "H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0}),
+    (r"\bH100 NVL\b", "H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
+    (r"\bH100\b", "H100 SXM", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.0}),
+    (r"\bA100\b", "A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
+    (r"\bL40S\b", "L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0}),
+    (r"\bL4\b", "L4", {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0}),
+    (r"\bA10\b", "A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0}),
 )
 _cpu_peak: dict[torch.dtype, float] = {}
 
@@ -114,9 +114,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float 
 def gpu_peak(device_name: str, precision: str) -> float | None:
     """Dense datasheet FLOP/s of a GPU by its torch.cuda.get_device_name() at "fp32", "tf32" or "bf16"; None if
     the part is not in GPU_PEAK_TFLOPS."""
-    for pattern, peaks in GPU_PEAK_TFLOPS:
+    found = gpu_datasheet(device_name)
+    return found[0][precision] * 1e12 if found else None
+
+
+def gpu_datasheet(device_name: str) -> tuple[dict, str] | None:
+    """({precision: TFLOP/s}, part) of the first GPU_PEAK_TFLOPS row matching a torch.cuda.get_device_name()."""
+    for pattern, part, peaks in GPU_PEAK_TFLOPS:
         if re.search(pattern, device_name):
-            return peaks[precision] * 1e12
+            return peaks, part
     return None
 
 
