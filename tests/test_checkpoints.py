@@ -409,3 +409,15 @@ def test_loaded_model_owns_its_memory(tmp_path):
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in loaded.parameters())
     assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
     assert torch.equal(loaded.text_encoder.attn_mask, model.text_encoder.attn_mask)  # rebuilt, not stored
+
+
+def test_another_format_saved_over_a_miniclip_folder_is_the_one_read(tmp_path):
+    """A miniclip save, then an hf save into the same folder: the folder loads as the hf model, not the old one."""
+    _random_model("tiny-vit").save_pretrained(tmp_path)
+    newer = _random_model("tiny-vit")
+    with torch.no_grad():
+        newer.logit_scale.logit_scale.fill_(1.25)
+    newer.save_pretrained(tmp_path, format="hf")
+    loaded = load_pretrained(tmp_path)
+    assert loaded.load_info.layout == "hf_clip"
+    assert loaded.state_dict()["logit_scale.logit_scale"].item() == pytest.approx(1.25)

@@ -30,6 +30,7 @@ def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tok
     check_literal(format, ExportFormat, "format")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _drop_stale_markers(output_dir, format)
     state = {k: v for k, v in model.state_dict().items()}
     config: ClipConfig = model.config
     if format == "miniclip":
@@ -48,6 +49,16 @@ def save_pretrained(model, output_dir: str | Path, format: str = "miniclip", tok
     else:
         _save_open_clip(state, config, output_dir)
     return output_dir
+
+
+def _drop_stale_markers(output_dir: Path, format: str) -> None:
+    """A folder is read as the first layout whose config file it holds (layouts.FOLDER_ORDER: miniclip, then
+    open_clip, ...): a marker an earlier save left there would shadow what is written now, so it goes first."""
+    stale = [] if format == "miniclip" else [CONFIG_FILE]
+    if format not in ("miniclip", "open_clip"):
+        stale.append(OPEN_CLIP_CONFIG)
+    for name in stale:
+        (output_dir / name).unlink(missing_ok=True)
 
 
 def _save_tokenizer(model, tokenizer, output_dir: Path, describe: bool) -> None:
