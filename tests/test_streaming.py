@@ -228,17 +228,57 @@ def stream_flags(out, train_file, **overrides) -> list[str]:
     return [item for k, v in values.items() for item in (f"--{k}", str(v))]
 
 
+def loader_args(workers: int):
+    from types import SimpleNamespace
+    return SimpleNamespace(process_index=0, world_size=1, dataloader_num_workers=workers, dataloader_pin_memory=False,
+                           dataloader_persistent_workers=False, dataloader_prefetch_factor=None)
+
+
+@pytest.mark.parametrize("buffer", [0, 8])  # 0: datasets' own state; 8: the pass's rows re-read, undecoded
+def test_loader_state_resumes_the_pass_exactly(tmp_path, buffer):
+    """Stop after 3 of a pass's 12 batches (2 workers), save the loader state, rebuild everything and load it: the
+    rest of the pass (keys, captions, pixels) is what the uninterrupted loader gave, and the next pass too."""
+    from miniclip.data.streaming import StreamLoader, stream_loader
+    caption_file = make_jpeg_set(tmp_path, n=24, captions_per_image=3)
+    write_by_hand(caption_file, tmp_path / "tars", shard_size=6)
+
+    def loader() -> StreamLoader:
+        stream = build_stream(str(tmp_path / "tars"), CONFIG, shuffle_buffer=buffer, seed=5)
+        return stream_loader(stream, 2, lambda batch: batch, loader_args(2))
+
+    reference = loader()
+    reference.set_epoch(1)
+    batches = iter(reference)
+    seen = [next(batches) for _ in range(3)]
+    state = json.loads(json.dumps(reference.state_dict()))  # as stream_state.json holds it
+    rest = list(batches)
+    reference.set_epoch(2)
+    rest += list(reference)
+    resumed = loader()
+    resumed.load_state_dict(state)
+    got = [batch for batch in resumed]
+    resumed.set_epoch(1)  # the Trainer's next pass, offset by the restored one
+    got += list(resumed)
+    assert len(seen) + len(rest) == 2 * 12  # two whole passes of 12 batches of 2
+    assert_same_items([i for b in got for i in b], [i for b in rest for i in b])
+    if buffer:  # the buffer really reorders samples across the shard boundaries
+        keys = [item["key"] for batch in seen + rest[:3] for item in batch]
+        assert keys != sorted(keys, key=lambda k: (int(k) // 6, int(k)))
+
+
 def test_streamed_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
-    """24 samples in 4 shards, 2 workers, batch 4: a pass is 6 steps, so the 10 steps cross into a second pass and
-    the resumed run must restore both the position in the pass and the pass number (its shard order)."""
+    """24 samples in 4 shards, 2 workers, batch 4, a shuffle buffer of 8: a pass is 6 steps, so the 10 steps cross
+    into a second pass and the resumed run must restore the position in the pass, the buffer's content and the pass
+    number (its shard order)."""
     import signal
     import time
     from safetensors.torch import load_file
     caption_file = make_jpeg_set(tmp_path, n=24)
     write_by_hand(caption_file, tmp_path / "tars", shard_size=6)
-    train.main(stream_flags(tmp_path / "ref", tmp_path / "tars"))  # uninterrupted, in this process
+    flags = {"shuffle_buffer": 8}  # a real buffer: its content is rebuilt by re-reading the pass (see StreamedPairs)
+    train.main(stream_flags(tmp_path / "ref", tmp_path / "tars", **flags))  # uninterrupted, in this process
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}  # the reference's threads (conftest)
-    command = [sys.executable, str(REPO / "train.py"), *stream_flags(tmp_path / "run", tmp_path / "tars")]
+    command = [sys.executable, str(REPO / "train.py"), *stream_flags(tmp_path / "run", tmp_path / "tars", **flags)]
     with open(tmp_path / "killed.log", "w") as log:
         killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     done = tmp_path / "run" / "checkpoint-4" / "stream_state.json"

@@ -2,7 +2,8 @@
 Parquet / Arrow files with image bytes and captions, or a `datasets` folder (`save_to_disk`), read as a
 `datasets.IterableDataset`: nothing is read in full and no file is checked at start-up. Split by node with
 `datasets.distributed.split_dataset_by_node`, by dataloader worker by `datasets` itself, shuffled with a buffer, and
-resumed exactly from torchdata's `StatefulDataLoader` state saved with each checkpoint (`StreamStateCallback`).
+resumed exactly from torchdata's `StatefulDataLoader` state saved with each checkpoint (`StreamStateCallback`;
+with a shuffle buffer, by re-reading the pass's rows up to the checkpoint without decoding them).
 
 Leaves out on purpose: remote object stores (fsspec URLs go through `datasets` unchanged but are untested here),
 resampling shards with replacement (webdataset's `resampled=True`), and weighting several sources.
@@ -153,8 +154,9 @@ def extract_records(path: str | Path, folder: str | Path, limit: int | None = No
 
 
 class _StreamDecode:
-    """The `IterableDataset.map` function: one raw row -> {"pixel_values", "caption", "key", "ok"}. Caption choice
-    and augmentation are pure functions of (seed, epoch, key), as in dataset.py, so workers and resumes agree."""
+    """One raw row -> {"pixel_values", "caption", "key"}, or None for a bad sample under --on_bad skip. Caption
+    choice and augmentation are pure functions of (seed, epoch, key), as in dataset.py, so workers and resumes
+    agree."""
 
     def __init__(self, transform: Callable, image_column: str, caption_column: str | None, caption_mode: str,
                  seed: int, epoch: torch.Tensor, on_bad: str, draft_size: int | None):
@@ -163,7 +165,7 @@ class _StreamDecode:
             caption_mode, seed, epoch, on_bad, draft_size)
         self.skipped = 0  # this worker's count
 
-    def __call__(self, row: dict) -> dict[str, Any]:
+    def __call__(self, row: dict) -> dict[str, Any] | None:
         image = row.get(self.image_column)
         data = image.get("bytes") if isinstance(image, dict) else image
         key, where = row_key(row, data), row.get("__url__") or "stream"
@@ -181,31 +183,45 @@ class _StreamDecode:
             self.skipped += 1
             logger.warning("skipping bad sample %s in %s (%d skipped so far in this process): %s", key, where,
                            self.skipped, e)
-            return {"pixel_values": None, "caption": None, "key": key, "ok": False}
+            return None
         index, epoch = zlib.crc32(key.encode()), int(self.epoch)
         caption = captions[caption_choice(self.seed, epoch, index, len(captions)) if self.caption_mode == "random"
                            else 0]
         with torch.random.fork_rng(devices=[]):  # see dataset._Decode: augmentation from (seed, epoch, sample)
             torch.default_generator.manual_seed(augment_seed(self.seed, epoch, index))
             pixel_values = self.transform(decoded)  # (3, S, S)
-        return {"pixel_values": pixel_values, "caption": caption, "key": key, "ok": True}
+        return {"pixel_values": pixel_values, "caption": caption, "key": key}
 
 
 class StreamedPairs(torch.utils.data.IterableDataset):
     """A streamed source of {"pixel_values" (3, S, S), "caption", "key"} items; `split_by_node` gives one process
-    its part. `state_dict` / `load_state_dict` are those of the `datasets.IterableDataset` (torchdata's
-    StatefulDataLoader calls them in every worker)."""
+    its part. torchdata's StatefulDataLoader calls `state_dict` / `load_state_dict` in every worker.
 
-    def __init__(self, stream: datasets.IterableDataset, epoch: torch.Tensor, source: str):
-        self.stream, self._epoch, self.source = stream, epoch, source
+    Resuming: without a shuffle buffer, the `datasets` stream's own state (shard and row position) is exact and
+    instant. With one it is not (datasets does not save the buffer's content), so the state is the number of raw
+    rows this worker has read in the pass, and a resumed worker reads the same seeded stream again from the pass's
+    start, dropping that many rows undecoded: exact, for the cost of re-reading the bytes (no image decode)."""
+
+    def __init__(self, rows: datasets.IterableDataset, decode: _StreamDecode, epoch: torch.Tensor, source: str,
+                 replay: bool):
+        self.rows, self.decode, self._epoch, self.source, self.replay = rows, decode, epoch, source, replay
+        self.rows_read, self._skip = 0, 0  # raw rows read in this pass, rows to drop on a resumed pass
 
     def __iter__(self):
-        for item in self.stream:
-            yield {k: item[k] for k in ("pixel_values", "caption", "key")}
+        skip, self._skip, self.rows_read = self._skip, 0, 0
+        if skip:
+            logger.info("%s: re-reading %d row(s) of pass %d to reach the checkpoint's place in the shuffle buffer",
+                        self.source, skip, self.epoch)
+        for row in self.rows:
+            self.rows_read += 1
+            if self.rows_read > skip:
+                item = self.decode(row)
+                if item is not None:
+                    yield item
 
     @property
     def n_shards(self) -> int:
-        return self.stream.num_shards
+        return self.rows.num_shards
 
     @property
     def epoch(self) -> int:
@@ -214,21 +230,27 @@ class StreamedPairs(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """A new pass: the shard order, the shuffle buffer and the caption / augmentation draws change with it."""
         self._epoch.fill_(int(epoch))
-        self.stream.set_epoch(int(epoch))
+        self.rows.set_epoch(int(epoch))
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        return {"rows_read": self.rows_read} if self.replay else self.rows.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
+        if self.replay != ("rows_read" in state):
+            raise ValueError("the saved stream state was written with a different --shuffle_buffer (0 or not). "
+                             "Fix: resume with the run's own --shuffle_buffer")
+        if self.replay:
+            self._skip = int(state["rows_read"])
+        else:
+            self.rows.load_state_dict(state)
 
     def split_by_node(self, rank: int, world_size: int) -> "StreamedPairs":
         """This process's part: whole shards when their number divides by world_size, else every world_size-th
         sample (datasets' own rule), so each sample is seen once per pass across all processes."""
         if world_size == 1:
             return self
-        return StreamedPairs(split_dataset_by_node(self.stream, rank=rank, world_size=world_size), self._epoch,
-                             self.source)
+        return StreamedPairs(split_dataset_by_node(self.rows, rank=rank, world_size=world_size), self.decode,
+                             self._epoch, self.source, self.replay)
 
 
 def build_stream(path: str | Path, config: ClipConfig, train: bool = True, caption_mode: CaptionMode = "random",
@@ -254,8 +276,7 @@ def build_stream(path: str | Path, config: ClipConfig, train: bool = True, capti
     epoch = torch.zeros((), dtype=torch.long).share_memory_()  # read by persistent workers, as in dataset.py
     decode = _StreamDecode(image_transform(config, train=train, image_size=size), image_column, caption_column,
                            caption_mode, seed, epoch, on_bad, size if draft else None)
-    stream = rows.map(decode, remove_columns=list(features)).filter(lambda item: item["ok"])
-    return StreamedPairs(stream, epoch, str(path))
+    return StreamedPairs(rows, decode, epoch, str(path), replay=shuffle_buffer > 0)
 
 
 class StreamLoader(StatefulDataLoader):
