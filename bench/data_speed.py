@@ -1,15 +1,15 @@
 """Data-pipeline rate (JPEG file -> training batch tensors, images/s) with default loader settings, miniclip vs
 open_clip's way, so it can be set against the training step rate of train_speed.py (loader rate >= step rate).
 
-  miniclip      data.build_dataset(train=True) (JPEG draft decode) + ClipCollator (tokenize, trim) in a DataLoader
+  miniclip      data.build_dataset(train=True) (JPEG draft decode, crop on uint8 tensors) + ClipCollator (tokenize, trim) in a DataLoader
                 with the HF Trainer's defaults (dataloader_num_workers=0);
   open_clip     what open_clip's CsvDataset does per item: PIL open + full decode, open_clip's training transform,
                 tokenize to 77 in the item, default collate; same DataLoader settings.
   stream        the same images as webdataset shards written by `python -m miniclip.apps.shard` (JPEG bytes
                 copied), read by data/streaming.py (datasets IterableDataset, shuffle buffer 1000, draft decode,
                 torchdata StatefulDataLoader) with the same collator and workers: the `--streaming true` path.
-Ablations (--ablations): miniclip+nodraft (full-size decode), miniclip+workers2 and stream+workers2 (2 loader
-processes each).
+Ablations (--ablations): miniclip+nodraft (full-size decode), miniclip+pil (the random resized crop on PIL images,
+as open_clip, instead of on uint8 tensors), miniclip+workers2 and stream+workers2 (2 loader processes each).
 Images: Flickr8k from the shared data folder when present (stored at 224 px, so draft decoding has nothing to
 skip there), else -- or with --synthetic -- generated 500x375 JPEGs (Flickr's usual photo size) in a temp folder.
 
@@ -30,7 +30,7 @@ from bench.common import (bench_main, REPO, fmt, interleave, markdown_table, med
                           run_worker, spread)
 
 IMPLS = ("miniclip", "open_clip", "stream")
-ABLATIONS = ("miniclip+nodraft", "miniclip+workers2", "stream+workers2")
+ABLATIONS = ("miniclip+nodraft", "miniclip+pil", "miniclip+workers2", "stream+workers2")
 
 
 def flickr_caption_file() -> Path | None:
@@ -85,13 +85,15 @@ class OpenClipStyleDataset:
 def loader(impl: str, records, config, batch: int):
     import open_clip
     import torch
-    from miniclip.data.dataset import ClipCollator, build_dataset
+    from miniclip.data.dataset import ClipCollator, ClipDataset, build_dataset
     from miniclip.tokenizer import get_tokenizer
+    from miniclip.transforms import pil_train_transform
     base, *opts = impl.split("+")
     workers = 2 if "workers2" in opts else 0
     if base == "miniclip":
-        dataset = build_dataset(records, config, train=True, caption_mode="random",
-                                draft="nodraft" not in opts)
+        dataset = (ClipDataset(records, pil_train_transform(config), draft_size=config.vision_cfg.image_size)
+                   if "pil" in opts else build_dataset(records, config, train=True, caption_mode="random",
+                                                       draft="nodraft" not in opts))
         return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
                                            collate_fn=ClipCollator(get_tokenizer(config)))
     if base == "stream":  # `records` is the shard folder here

@@ -1,6 +1,6 @@
 """Image decoding (`load_image`: any PIL mode to RGB, reduced-size JPEG decode) and transforms per family:
 open_clip / OpenAI / TinyCLIP resize the shorter side and center-crop, Chinese-CLIP squashes to a square; training
-adds a mild random resized crop (scale 0.9-1, as open_clip).
+adds a mild random resized crop (scale 0.9-1, as open_clip), done on uint8 tensors.
 
 Leaves out on purpose: RandAugment / AutoAugment and other heavy augmentation; CLIP finetunes rarely need them.
 """
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as F2
 
 from miniclip.config import ClipConfig
 
@@ -60,14 +63,44 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     return image
 
 
-def image_transform(config: ClipConfig, train: bool = False, image_size: int | None = None) -> T.Compose:
-    """PIL image -> normalised float tensor (3, S, S)."""
+class TrainTransform:
+    """Training transform: PIL image -> uint8 (3, H, W) -> random resized crop (scale 0.9-1, ratio 3/4-4/3, as
+    open_clip) with antialiased bicubic resampling -> normalised float (3, S, S).
+
+    The crop box is drawn as torchvision's RandomResizedCrop draws it (same RNG calls), so a seeded sample gets the
+    box the PIL transform gives it; resampling uint8 tensors rather than PIL images gives pixels within 2 of 255
+    levels of PIL's (tests/test_transforms.py) at about half the cost (bench/data_speed.py, ablation miniclip+pil)."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.size = size
+        # (x / 255 - mean) / std as one multiply-add: x * scale + shift
+        self.scale = (1 / (255 * torch.tensor(std))).view(3, 1, 1)
+        self.shift = (-torch.tensor(mean) / torch.tensor(std)).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = F.pil_to_tensor(to_rgb(image))  # (3, H, W) uint8
+        top, left, height, width = T.RandomResizedCrop.get_params(pixels, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))
+        pixels = F2.resized_crop(pixels, top, left, height, width, [self.size, self.size], interpolation=BICUBIC,
+                                 antialias=True)  # (3, S, S) uint8
+        return torch.addcmul(self.shift, pixels.float(), self.scale)  # (3, S, S)
+
+
+def image_transform(config: ClipConfig, train: bool = False, image_size: int | None = None):
+    """PIL image -> normalised float tensor (3, S, S). Evaluation resizes the PIL image, as open_clip does (equal
+    outputs, tests/test_transforms.py); training is `TrainTransform`."""
     size = image_size or config.vision_cfg.image_size
     pre = config.preprocess_cfg
     if train:
-        geometry = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=BICUBIC)]
-    elif pre.resize_mode == "squash":
+        return TrainTransform(size, pre.mean, pre.std)
+    if pre.resize_mode == "squash":
         geometry = [T.Resize((size, size), interpolation=BICUBIC)]
     else:
         geometry = [T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size)]
     return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def pil_train_transform(config: ClipConfig, image_size: int | None = None) -> T.Compose:
+    """The training transform on PIL images (open_clip's way): the reference the tensor path is held to."""
+    pre = config.preprocess_cfg
+    crop = T.RandomResizedCrop(image_size or config.vision_cfg.image_size, scale=(0.9, 1.0), interpolation=BICUBIC)
+    return T.Compose([T.Lambda(to_rgb), crop, T.ToTensor(), T.Normalize(pre.mean, pre.std)])

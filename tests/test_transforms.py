@@ -40,6 +40,30 @@ def test_train_transform_shape_and_randomness():
     assert a.shape == (3, 64, 64) and not torch.equal(a, b)
 
 
+def _flickr_like(w=500, h=375):
+    """A photo-like image: smooth gradients + noise (resampling differences show on edges and texture)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx + yy) % 256, (yy * 2) % 256, (xx * 3) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (230, 224), (40, 90)])  # down, nearly equal, up
+def test_train_transform_on_tensors_matches_pil_crop_for_crop(size):
+    """The same RNG state gives the same crop box; pixels differ by rounding only (<= 2 of 255 levels)."""
+    from miniclip.transforms import pil_train_transform
+    config = load_model_config("tiny-vit")
+    image = _flickr_like(*size)
+    std = torch.tensor(config.preprocess_cfg.std).view(3, 1, 1)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = image_transform(config, train=True)(image)
+        torch.manual_seed(seed)
+        reference = pil_train_transform(config)(image)
+        levels = ((ours - reference) * std * 255).abs()
+        assert levels.max() <= 2.01 and levels.mean() < 0.1, (seed, levels.max(), levels.mean())
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "1"])
 def test_any_mode_becomes_rgb(mode):
     base = _photo()
