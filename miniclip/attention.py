@@ -17,9 +17,11 @@ from torch import nn
 def self_attention(x: torch.Tensor, attn: nn.MultiheadAttention, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with `attn`'s packed projections (Vaswani et al. 2017, eq. 1). x: (B, L, W).
 
-    On CPU the scores are formed with two batched matmuls: for L <= ~200 this beats the fused kernels (bf16 backward
-    of the CPU flash kernel is ~5x slower at L=50). The softmax runs in fp32 under autocast, as the fused kernels do.
-    On GPUs the fused `scaled_dot_product_attention` kernels win, so they are used there.
+    On CPU the scores are formed with two batched matmuls: for L <= ~200 this beats the fused kernels in training
+    (bf16 backward of the CPU flash kernel is ~5x slower at L=50) and in bf16 inference (2x). The softmax runs in
+    fp32 under autocast, as the fused kernels do. The fused `scaled_dot_product_attention` wins on GPUs and in fp32
+    inference on CPU (3x: it reads the strided q / k / v in place and writes (B, L, H, Dh) directly), so it is used
+    there.
     """
     batch, length, width = x.shape
     heads = attn.num_heads
@@ -27,7 +29,7 @@ def self_attention(x: torch.Tensor, attn: nn.MultiheadAttention, attn_mask: torc
     q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
     if attn_mask is not None:
         attn_mask = attn_mask.to(q.dtype)  # open_clip passes a float mask; (L, L) additive, -inf above the diagonal
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and (torch.is_grad_enabled() or q.dtype != torch.float32):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, L, L)
         if attn_mask is not None:
             scores = scores + attn_mask
