@@ -4,8 +4,10 @@ final save included, timed here, not by the tools' logs), then both final models
 (miniclip's strict loader + `evaluate_retrieval` on the Flickr8k test split, fp32). Reports wall time and mean
 recall (the mean of i2t / t2i R@1/5/10) per implementation, mean ± std over seeds, and miniclip / open_clip ratios.
 
-    python bench/e2e_speed.py --plot bench/e2e_speed.png          # tiny and vit224, seeds 0 1 2
+    python bench/e2e_speed.py --plot bench/e2e_speed.png          # tiny and vit224, seeds 0 1 2: ~25 min
     python bench/e2e_speed.py --size tiny --seeds 0 --steps 20 --no-wait    # a smoke run (~1 min)
+One pair with the defaults on 2 shared cores (extrapolated from 20- and 60-step runs): tiny ~3.5 min, vit224 ~5 min,
+evaluations included.
 
 Matched settings (both command lines: `miniclip_command` / `open_clip_command`):
 - architecture: the same model config JSON (miniclip --model_config; open_clip add_model_config + --model), QuickGELU
