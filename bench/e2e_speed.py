@@ -25,8 +25,8 @@ Matched settings (both command lines: `miniclip_command` / `open_clip_command`):
   --precision amp_bf16; fp32 weights and optimizer state in both), dataloader workers (--dataloader_num_workers /
   --workers), threads (OMP_NUM_THREADS for both), seed (--seed, both), augmentation (random resized crop, scale
   0.9-1, bicubic: miniclip --augment true, open_clip's default), no evaluation and one checkpoint, at the end.
-What still differs between the two trainings (read from both codes) is listed in docs/e2e_speed.md. Leaves out on purpose: GPUs,
-evaluation during training, and tuning (both get the same hyper-parameters, good for neither in particular).
+What still differs between the two trainings (read from both codes) is listed in docs/e2e_speed.md.
+Leaves out on purpose: GPUs, evaluation during training, and tuning (both get the same hyper-parameters).
 """
 from __future__ import annotations
 
