@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: one fresh subprocess per measurement (so peak memory is its own), implementations
 interleaved within each repetition (so machine noise hits all of them alike), medians and miniclip / peer ratios.
 
-Leaves out on purpose: statistics beyond the median and min-max spread (run more repetitions instead).
+Leaves out on purpose: statistics beyond the median, min-max spread and mean / std (run more repetitions instead).
 """
 from __future__ import annotations
 
@@ -89,6 +89,14 @@ def median(runs: list[dict], key: str) -> float | None:
 def spread(runs: list[dict], key: str) -> str:
     values = [r[key] for r in runs if r.get(key) is not None]
     return f"{min(values):.3g}-{max(values):.3g}" if len(values) > 1 else "-"
+
+
+def mean_std(runs: list[dict], key: str) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation) of `key` over the runs that have it; std is None below two runs."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def fmt(value, digits: int = 2) -> str:
