@@ -45,7 +45,14 @@ def wait_for_quiet(max_load: float = 1.0, checks: int = 3, interval: float = 20.
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory (MiB): /proc's VmHWM, which starts afresh at exec. getrusage's ru_maxrss
+    does not: Linux carries it over from the parent, so every worker of a large parent would report its peak."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux and BSDs report KiB
 
 
 def run_worker(script: Path, args: list[str], threads: int) -> dict:

@@ -246,7 +246,7 @@ def table(results: dict, args) -> str:
 
 def plot(results: dict, path: str) -> Path:
     """Mean recall (y) against wall time (x), one point per run, one panel per size."""
-    from miniclip.evaluation.plots import _save, plt
+    from miniclip.evaluation.plots import plt, save_figure
     sizes = sorted({size for size, _ in results}, key=list(SIZES).index)
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), squeeze=False)
     for ax, size in zip(axes[0], sizes):
@@ -260,7 +260,7 @@ def plot(results: dict, path: str) -> Path:
         ax.margins(y=0.25)
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def summary(results: dict, args) -> list[dict]:

@@ -191,3 +191,20 @@ def test_checkpoint_folder_chinese_model(tmp_path, capsys):
     assert "4 images, 2 classes, 80 templates" in out and re.search(r"^猫\s+\d", out, re.M)
     by_config = script.main(["--model_config", "tiny-chinese-vit", "--output_dir", str(tmp_path / "b"), *task])
     assert loaded["zeroshot"] == by_config["zeroshot"]
+
+
+def test_onnxruntime_engine_gives_the_torch_engines_numbers(tmp_path, caption_set, capsys):
+    """--engine onnxruntime: the towers exported (fp32, error checked against PyTorch) and run by onnxruntime; the
+    retrieval metrics and zero-shot accuracy equal the PyTorch engine's."""
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "classes"
+    for i, name in enumerate(("cat", "dog", "fish")):
+        save_random_image(folder / name / "a.png", 10 + i)
+    args = ["--eval_file", caption_set, "--zeroshot_dir", folder, "--templates", "simple"]
+    expected = run(tmp_path / "torch", *args)
+    got = run(tmp_path / "ort", *args, "--engine", "onnxruntime")
+    assert got["retrieval"] == pytest.approx(expected["retrieval"], abs=1e-6)
+    assert got["zeroshot"]["zeroshot_top1"] == expected["zeroshot"]["zeroshot_top1"]
+    assert (tmp_path / "ort" / "out" / "onnx" / "onnx_config.json").is_file()
+    with pytest.raises(ValueError, match="--engine onnxruntime runs fp32 on the CPU"):
+        run(tmp_path, *args, "--engine", "onnxruntime", "--bf16", "true")

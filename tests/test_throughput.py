@@ -9,7 +9,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from miniclip.loss import ClipLoss
-from miniclip.model import MiniClip
 from miniclip.training.throughput import TrainingFlops, gpu_peak, measure_matmul_flops, peak_flops
 from test_trainer import TensorPairs, _model, _trainer
 

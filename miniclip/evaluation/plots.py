@@ -21,8 +21,8 @@ from miniclip.files import atomic_write  # noqa: E402
 from miniclip.transforms import to_rgb  # noqa: E402
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Write atomically (checkpoint_io.atomic_write) so a reader never sees half a PNG."""
+def save_figure(fig, path: str | Path) -> Path:
+    """Write atomically (files.atomic_write) as a PNG, so a reader never sees half of one; closes the figure."""
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     finally:
@@ -53,7 +53,7 @@ def similarity_heatmap(image: str | Path | Image.Image, texts: Sequence[str], si
         ax_map.text(0, row, f"cos {float(s):.3f}\np {float(p):.1%}", ha="center", va="center", color="white",
                     fontsize=9)
     ax_map.set_title("cosine similarity (softmax probability)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def retrieval_grid(queries: Sequence[str], top_images: Sequence[Sequence[str | Path]],
@@ -77,7 +77,7 @@ def retrieval_grid(queries: Sequence[str], top_images: Sequence[Sequence[str | P
         axes[r][0].set_ylabel("\n".join(textwrap.wrap(query, 28)[:4]), rotation=0, ha="right", va="center",
                               fontsize=8)
     fig.suptitle("text -> image retrieval (correct image framed)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(history: Sequence[dict], path: str | Path, keys: Sequence[str] | None = None,
@@ -99,7 +99,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, keys: Sequence[str] |
         ax.set_title(key)
         ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def wise_ft_tradeoff(rows: Sequence[dict], target_key: str, heldout_keys: Sequence[str], path: str | Path) -> Path:
@@ -115,4 +115,4 @@ def wise_ft_tradeoff(rows: Sequence[dict], target_key: str, heldout_keys: Sequen
         ax.set_ylabel(f"{target_key} (target)")
         ax.grid(alpha=0.3)
     fig.suptitle("WiSE-FT: interpolating zero-shot (α=0) and finetuned (α=1) weights")
-    return _save(fig, path)
+    return save_figure(fig, path)
