@@ -116,6 +116,21 @@ def test_shard_cli_resizes_keeps_all_captions_and_writes_parquet(tmp_path):
         shard.main([str(caption_file), str(tmp_path / "pq"), "--format", "parquet"])
 
 
+def test_shards_have_no_pax_headers_and_are_byte_identical_for_the_same_input(tmp_path):
+    """Whole-second member times: no PAX header per member (half the headers a reader parses), and two runs over
+    the same caption file write the same bytes."""
+    import tarfile
+    caption_file = make_jpeg_set(tmp_path, n=5)
+    for name in ("a", "b"):
+        shard.main([str(caption_file), str(tmp_path / name), "--shard_size", "3"])
+    for shard_file in sorted((tmp_path / "a").glob("*.tar")):
+        assert shard_file.read_bytes() == (tmp_path / "b" / shard_file.name).read_bytes(), shard_file.name
+        with tarfile.open(shard_file) as tar:
+            members = tar.getmembers()
+        assert members and all(not m.pax_headers for m in members), [m.pax_headers for m in members]
+        assert {m.mtime for m in members} == {int(caption_file.stat().st_mtime)}
+
+
 def test_parquet_with_image_bytes_and_save_to_disk_folder(tmp_path):
     caption_file = make_jpeg_set(tmp_path, n=6)
     records = read_caption_file(caption_file)
