@@ -4,13 +4,12 @@ Same config, batch, threads, precision and captions for all; each measurement ru
 memory is its own) and implementations are interleaved within each repetition. One step = forward + loss +
 backward + AdamW step + zero_grad, each project's way:
   miniclip      MiniClip(**collated batch) + miniclip.loss.ClipLoss, text trimmed to the longest caption
-                (data.trim_tokens, what ClipCollator does), fused AdamW (the HF Trainer's default optimizer),
-                glibc told to keep freed memory (throughput.keep_freed_memory, which ClipTrainer sets);
+                (data.trim_tokens, what ClipCollator does), fused AdamW (the HF Trainer's default optimizer);
   open_clip     open_clip.model.CLIP + open_clip.loss.ClipLoss, text padded to 77 by open_clip's tokenizer,
                 torch.optim.AdamW with its defaults (what open_clip's training script builds);
   transformers  CLIPModel(return_loss=True), text padded to the longest caption, torch.optim.AdamW defaults.
 Ablations (--ablations) switch one miniclip lever back: +mha (open_clip's nn.MultiheadAttention blocks), +pad77
-(no trimming), +plainadam (torch.optim.AdamW defaults), +glibc (glibc's default allocator settings); +trainer runs the same step through the real
+(no trimming), +plainadam (torch.optim.AdamW defaults); +trainer runs the same step through the real
 ClipTrainer.train (its overhead); +compile adds torch.compile (warm-up column = compile time).
 
     python bench/train_speed.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 16 --steps 5 --reps 3
@@ -31,7 +30,7 @@ from bench.common import (bench_main, captions, fmt, interleave, markdown_table,
                           run_worker, spread, try_worker)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
-ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam", "miniclip+glibc")
+ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
 def datasheet_peak(device_name: str) -> tuple[float, str] | None:
     """(dense bf16 TFLOP/s, part) from miniclip's own datasheet table (training/throughput.py, the one the training
     logs use), or None when the GPU is not listed. MFU is reported against both this figure and the peak this script
@@ -71,9 +70,6 @@ def build(impl: str, config, batch: int, device):
         from miniclip.attention import use_fast_attention
         from miniclip.loss import ClipLoss
         from miniclip.model import MiniClip
-        from miniclip.training.throughput import keep_freed_memory
-        if "glibc" not in opts:
-            keep_freed_memory()
         model, clip_loss = MiniClip(config), ClipLoss()
         if "mha" in opts:
             use_fast_attention(model, enable=False)

@@ -1,7 +1,6 @@
 """Training throughput: model FLOPs per step (torch's FlopCounterMode over a meta-device copy, once per input shape),
 the device's peak FLOP/s (a table of datasheet numbers for GPUs, measured once by a matmul on a CPU) and model FLOPs
-utilisation, MFU = achieved model FLOP/s / peak (Chowdhery et al. 2022, PaLM, appendix B); `keep_freed_memory`, the
-allocator setting that keeps a CPU step from page-faulting.
+utilisation, MFU = achieved model FLOP/s / peak (Chowdhery et al. 2022, PaLM, appendix B).
 
 Leaves out on purpose: hardware FLOPs (the recomputation of gradient checkpointing is not counted, as MFU defines),
 element-wise ops (FlopCounterMode counts matmuls, convolutions and attention, which dominate) and the loss's B x B
@@ -9,7 +8,6 @@ logits (negligible next to the towers).
 """
 from __future__ import annotations
 
-import ctypes
 import re
 import time
 
@@ -138,27 +136,6 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seco
         a @ b
         best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
     return best
-
-
-# glibc mallopt(3) parameters
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for the next step instead of handing it back to the kernel.
-
-    By default glibc serves large blocks with fresh mmap()s (from 128 KiB, raised as blocks are freed) and trims the
-    heap as soon as 128 KiB are free at its top, so each training step's activations and gradients arrive as new
-    pages the kernel must fault in and zero: 40k-55k page faults and 0.1 s of system time per TinyCLIP-ViT-40M bf16
-    step at batch 16 on 2 CPU threads, about 1.2k and 0.003 s with this setting (tests/test_throughput.py). Blocks
-    up to 32 MiB (glibc's largest mmap threshold) then come from the heap, which is trimmed only past 1 GiB free.
-    Returns False where the C library is not glibc (the call is then a no-op)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    settings = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
-    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 class ThroughputMeter:
