@@ -3,7 +3,6 @@ images made here, driven in headless Chromium through Playwright (Debian's `chro
 Skips, saying what to install, only when gradio, playwright or the browser is missing."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright n
 from miniclip.checkpoints import save_pretrained  # noqa: E402
 from miniclip.tokenizer import get_tokenizer  # noqa: E402
 from tests.test_demo import COLOURS, make_image_set, tiny_model  # noqa: E402
+from processes import free_port, stop
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("MINICLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -25,12 +25,6 @@ CHROMIUM = os.environ.get("MINICLIP_CHROMIUM") or shutil.which("chromium") or "/
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOP_K = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -64,12 +58,7 @@ def demo_url(tmp_path_factory):
         wait_until_serving(url, process, log)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

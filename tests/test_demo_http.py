@@ -5,7 +5,6 @@ for every other file inside and outside the image folder. The result images and 
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ pytest.importorskip("gradio", reason="gradio not installed: pip install -e '.[de
 from miniclip.checkpoints import save_pretrained  # noqa: E402
 from miniclip.tokenizer import get_tokenizer  # noqa: E402
 from tests.test_demo import COLOURS, make_image_set, tiny_model  # noqa: E402
+from processes import free_port, stop
 
 REPO = Path(__file__).resolve().parent.parent
 API = "/gradio_api"
 REFUSED = (403, 404)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Page:
@@ -96,12 +90,7 @@ def demo(tmp_path_factory):
             time.sleep(0.5)
         yield page, root
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def file_url(path) -> str:

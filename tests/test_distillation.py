@@ -14,7 +14,7 @@ from transformers import default_data_collator
 
 from miniclip.apps import train
 from miniclip.config import ClipConfig, load_model_config
-from miniclip.distillation import DistillationLoss, affinity_loss, feature_loss, kd_loss
+from miniclip.distillation import DistillationLoss, affinity_loss, feature_loss
 from miniclip.loss import ClipLoss
 from miniclip.model import MiniClip
 from miniclip.tokenizer import get_tokenizer, trim_tokens
@@ -338,7 +338,8 @@ def test_two_torchrun_processes_distil_like_one_process_with_double_batch(tmp_pa
     import subprocess
     import sys
     from safetensors.torch import load_file
-    from test_train import REPO, _free_port
+    from processes import free_port
+    from test_train import REPO
     torch.manual_seed(3)
     teacher = _model(seed=3, embed_dim=48)
     teacher.save_pretrained(tmp_path / "teacher", tokenizer=get_tokenizer(teacher.config))
@@ -347,7 +348,7 @@ def test_two_torchrun_processes_distil_like_one_process_with_double_batch(tmp_pa
                   adam_epsilon=1e-6, distill_from=tmp_path / "teacher", distill_loss="feature")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_free_port()), "-m", "miniclip.apps.train",
+              str(free_port()), "-m", "miniclip.apps.train",
               *_flags(tmp_path / "two", per_device_train_batch_size=batch, **common)]
     two = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]

@@ -2,7 +2,6 @@
 folder), WiSE-FT interpolation (alpha 0 / 1 bit-identical, 0.5 hand-computed), layer-wise lr decay groups (names and
 hand-computed lrs) and FLIP patch dropout (against open_clip's own model on the same RNG)."""
 import json
-import math
 
 import pytest
 import torch

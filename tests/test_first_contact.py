@@ -145,7 +145,6 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
 
 def test_scripts_print_no_traceback(tmp_path):
     """As a user sees it: the real entry points in subprocesses, stderr is the one error line."""
-    train_file = caption_set(tmp_path / "data")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cases = [([REPO / "train.py", *flags(tmp_path / "o", train_file=tmp_path / "nope.json")],
               "train.py: error: caption file not found"),

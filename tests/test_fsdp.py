@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from miniclip.model import MiniClip
-from test_streaming import train_port
+from processes import free_port
 from test_train import make_caption_set
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_fsdp2_sharded_model_evaluates_clamps_and_saves_a_full_folder(tmp_path):
     script.write_text(SHARDED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(train_port()), str(script), str(caption_file), str(tmp_path / "out"),
+                          str(free_port()), str(script), str(caption_file), str(tmp_path / "out"),
                           str(REPO / "tests")], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -148,7 +148,7 @@ def test_train_py_with_fsdp_on_two_gpus_saves_full_folders_and_resumes(tmp_path,
              "--fsdp", "true", "--fsdp_config", json.dumps({"version": version, "auto_wrap_policy":
                                                             "TRANSFORMER_BASED_WRAP"})]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(train_port()), str(REPO / "train.py")]
+              str(free_port()), str(REPO / "train.py")]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([*launch, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]

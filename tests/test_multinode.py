@@ -13,7 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 from miniclip.apps import train
-from test_streaming import make_jpeg_set, train_port, write_by_hand
+from processes import free_port
+from test_streaming import make_jpeg_set, write_by_hand
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4
@@ -31,7 +32,7 @@ def flags(out, shards: Path, **overrides) -> list[str]:
 
 def two_nodes(tmp_path: Path, shards: Path, **overrides) -> list[Path]:
     """Both launchers at once; each node's folder is its own disk. Returns the nodes' output folders."""
-    port, env = train_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     runs = []
     for node in (0, 1):
         folder = tmp_path / f"node{node}"

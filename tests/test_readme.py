@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from PIL import Image
 from miniclip import MiniClip
 from miniclip.checkpoints.hub import HF_FOLDER, KNOWN
 from miniclip.config import load_model_config
+from processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -164,16 +164,10 @@ def _run(argv: list, scratch: Path, timeout: int = 600) -> None:
     assert run.returncode == 0, f"{argv}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(argv: list[str], scratch: Path) -> None:
     """The demo: started with a free port, passes when its page answers, then stopped."""
     pytest.importorskip("gradio")
-    port = _free_port()
+    port = free_port()
     argv = [a for i, a in enumerate(argv) if a != "--port" and (i == 0 or argv[i - 1] != "--port")]
     log = open(scratch / "demo.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "miniclip.apps.demo", *argv, "--port", str(port)], cwd=scratch,

@@ -24,6 +24,7 @@ from miniclip.data.captions import read_caption_file
 from miniclip.data.dataset import build_dataset
 from miniclip.data.streaming import build_stream, stream_source
 from miniclip.transforms import ImageDecodeError
+from processes import free_port, sigkill_once_written
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = load_model_config("tiny-vit")
@@ -215,7 +216,7 @@ def test_two_processes_see_every_sample_once_per_pass(tmp_path, shards):
     script.write_text(PASS_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(train_port()), str(script), str(tmp_path / "tars"), str(tmp_path / "seen.json")],
+                          str(free_port()), str(script), str(tmp_path / "tars"), str(tmp_path / "seen.json")],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads((tmp_path / "seen.json").read_text())  # [rank][pass] -> keys
@@ -225,13 +226,6 @@ def test_two_processes_see_every_sample_once_per_pass(tmp_path, shards):
         assert sorted(keys) == everything, (p, seen)  # each exactly once across the two processes
         assert len(seen[0][p]) == len(seen[1][p]) == 12  # and the same share each
     assert seen[0][0] != seen[0][1]  # reshuffled per pass
-
-
-def train_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- exact resume after SIGKILL ---------------------------------------------------------------------------------------
@@ -285,8 +279,6 @@ def test_streamed_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     """24 samples in 4 shards, 2 workers, batch 4, a shuffle buffer of 8: a pass is 6 steps, so the 10 steps cross
     into a second pass and the resumed run must restore the position in the pass, the buffer's content and the pass
     number (its shard order)."""
-    import signal
-    import time
     from safetensors.torch import load_file
     caption_file = make_jpeg_set(tmp_path, n=24)
     write_by_hand(caption_file, tmp_path / "tars", shard_size=6)
@@ -297,10 +289,7 @@ def test_streamed_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     with open(tmp_path / "killed.log", "w") as log:
         killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     done = tmp_path / "run" / "checkpoint-4" / "stream_state.json"
-    while killed.poll() is None and not done.is_file():
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_once_written(killed, done)
     assert not (tmp_path / "run" / "model.safetensors").exists()
     resumed = subprocess.run([*command, "--resume_from_checkpoint", "latest"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)

@@ -4,11 +4,8 @@ process with the double batch."""
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from transformers import set_seed
 
 from miniclip.apps import train  # what train.py runs
 from miniclip.model import MiniClip
+from processes import free_port, sigkill_once_written
 
 REPO = Path(__file__).resolve().parent.parent
 COLORS = [(220, 30, 30), (30, 170, 50), (30, 70, 220), (235, 210, 20), (140, 40, 180), (250, 130, 0)]
@@ -171,10 +169,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     # killed as soon as the first checkpoint is complete
     killed = _run_script(_flags(tmp_path / "run", **common), tmp_path / "killed.log")
     done = tmp_path / "run" / "checkpoint-3" / "trainer_state.json"
-    while killed.poll() is None and not done.is_file():
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_once_written(killed, done)
     assert not (tmp_path / "run" / "model.safetensors").exists()
     resumed = _run_script(_flags(tmp_path / "run", resume_from_checkpoint="latest", **common), tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
@@ -188,12 +183,6 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
 
 
 # --- two processes ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_two_processes_match_one_process_with_double_batch(tmp_path, loss):
     """torchrun --nproc_per_node 2 (gloo on CPU) with batch B per process vs python train.py with batch 2B.
@@ -207,7 +196,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path, loss):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # torchrun (what `accelerate launch --multi_gpu` runs on GPUs; accelerate's CPU multi-process path needs mpirun)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              "--master_port", str(_free_port()), str(REPO / "train.py"),
+              "--master_port", str(free_port()), str(REPO / "train.py"),
               *_flags(tmp_path / "two", per_device_train_batch_size=batch, **common)]
     two = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]
