@@ -193,9 +193,10 @@ def test_checkpoint_folder_chinese_model(tmp_path, capsys):
     assert loaded["zeroshot"] == by_config["zeroshot"]
 
 
-def test_onnxruntime_engine_gives_the_torch_engines_numbers(tmp_path, caption_set, capsys):
+def test_onnxruntime_engine_gives_the_torch_engines_numbers(tmp_path, caption_set, caplog):
     """--engine onnxruntime: the towers exported (fp32, error checked against PyTorch) and run by onnxruntime; the
-    retrieval metrics and zero-shot accuracy equal the PyTorch engine's."""
+    retrieval metrics and zero-shot accuracy equal the PyTorch engine's. The export is reused for the same weights
+    only."""
     pytest.importorskip("onnxruntime")
     folder = tmp_path / "classes"
     for i, name in enumerate(("cat", "dog", "fish")):
@@ -206,5 +207,12 @@ def test_onnxruntime_engine_gives_the_torch_engines_numbers(tmp_path, caption_se
     assert got["retrieval"] == pytest.approx(expected["retrieval"], abs=1e-6)
     assert got["zeroshot"]["zeroshot_top1"] == expected["zeroshot"]["zeroshot_top1"]
     assert (tmp_path / "ort" / "out" / "onnx" / "onnx_config.json").is_file()
+    with caplog.at_level(logging.INFO, logger="miniclip.evaluate"):
+        assert run(tmp_path / "ort", *args, "--engine", "onnxruntime")["retrieval"] == got["retrieval"]
+        assert "reusing the onnxruntime export" in caplog.text
+        caplog.clear()
+        other = run(tmp_path / "ort", *args, "--engine", "onnxruntime", "--seed", 1)  # other weights: a new export
+        assert "reusing" not in caplog.text and "exported the towers" in caplog.text
+    assert other["retrieval"] == pytest.approx(run(tmp_path / "torch", *args, "--seed", 1)["retrieval"], abs=1e-6)
     with pytest.raises(ValueError, match="--engine onnxruntime runs fp32 on the CPU"):
         run(tmp_path, *args, "--engine", "onnxruntime", "--bf16", "true")

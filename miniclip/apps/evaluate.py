@@ -11,6 +11,7 @@ purpose: multi-process evaluation (the trainer's `evaluate()` covers training ru
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,12 +114,20 @@ def load_model(args: TestArguments):
     return model.to(device).eval(), tokenizer, torch.device(device)
 
 
-def onnxruntime_encoder(model: MiniClip, tokenizer, folder: Path, settings: dict) -> Encoder:
-    """An Encoder over fp32 ONNX graphs of `model`, exported to `folder` (replacing an earlier export there)."""
-    from miniclip.serving.onnx import export_onnx, onnx_encoder
-    start = time.perf_counter()
-    export_onnx(model, folder, variants=["fp32"], tokenizer=tokenizer)
-    logger.info("exported the towers to %s for onnxruntime in %.1f s", folder, time.perf_counter() - start)
+def onnxruntime_encoder(model: MiniClip, fingerprint: str, tokenizer, folder: Path, settings: dict) -> Encoder:
+    """An Encoder over fp32 ONNX graphs of `model` (whose `model_fingerprint` is `fingerprint`) in `folder`: exported
+    there (and checked against PyTorch) unless the folder holds a complete export of the same weights, reused."""
+    from miniclip.serving.onnx import ONNX_CONFIG, export_onnx, onnx_encoder
+    marker = folder / "exported_from.json"
+    same = marker.is_file() and json.loads(marker.read_text()) == {"model": fingerprint}
+    if same and (folder / ONNX_CONFIG).is_file():
+        logger.info("reusing the onnxruntime export of these weights in %s", folder)
+    else:
+        start = time.perf_counter()
+        marker.unlink(missing_ok=True)
+        export_onnx(model, folder, variants=["fp32"], tokenizer=tokenizer)
+        atomic_write_json(marker, {"model": fingerprint})
+        logger.info("exported the towers to %s for onnxruntime in %.1f s", folder, time.perf_counter() - start)
     return onnx_encoder(folder, "fp32", **settings)
 
 
@@ -131,14 +140,16 @@ class Runner:
         self.model, self.tokenizer = model, tokenizer
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._fingerprint = None
         settings = dict(image_batch_size=args.batch_size, text_batch_size=args.text_batch_size, progress=args.progress,
                         draft_size=model.config.vision_cfg.image_size if args.draft_decode else None)
         if args.engine == "onnxruntime":
-            self.encoder = onnxruntime_encoder(model.cpu(), tokenizer, self.output_dir / "onnx", settings)
+            self._fingerprint = model_fingerprint(model)
+            self.encoder = onnxruntime_encoder(model.cpu(), self._fingerprint, tokenizer, self.output_dir / "onnx",
+                                               settings)
         else:
             self.encoder = Encoder(model, image_transform(model.config), tokenizer, device=device,
                                    dtype=torch.bfloat16 if args.bf16 else None, **settings)
-        self._fingerprint = None
 
     def _key(self, kind: str, data: str) -> dict:
         if self._fingerprint is None:
