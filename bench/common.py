@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    """The real data folder (Flickr8k, CIFAR-10 test): `$MINICLIP_DATA`, else `../shared/data` beside the repo."""
+    return Path(os.environ.get("MINICLIP_DATA", REPO.parent / "shared" / "data"))
 CAPTIONS = ["A dog runs across the grass with a ball in its mouth .", "Two children play on a skateboard .",
             "a man in a red jacket climbs a snowy mountain", "A group of people stand outside a building .",
             "The black and white dog is jumping over a hurdle in a field near some trees .", "a cat on a sofa",

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (bench_main, REPO, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
+from bench.common import (bench_main, data_root, fmt, interleave, markdown_table, median, peak_rss_mb,  # noqa: E402
                           run_worker, spread)
 
 IMPLS = ("miniclip", "open_clip", "stream")
@@ -34,8 +33,7 @@ ABLATIONS = ("miniclip+nodraft", "miniclip+pil", "miniclip+workers2", "stream+wo
 
 
 def flickr_caption_file() -> Path | None:
-    root = Path(os.environ.get("MINICLIP_DATA", REPO.parent / "shared" / "data"))
-    path = root / "flickr8k" / "en_train.json"
+    path = data_root() / "flickr8k" / "en_train.json"
     return path if path.is_file() else None
 
 

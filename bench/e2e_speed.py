@@ -41,7 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO, bench_main, fmt, interleave, markdown_table, mean_std, run_worker  # noqa: E402
+from bench.common import (REPO, bench_main, data_root, fmt, interleave, markdown_table, mean_std,  # noqa: E402
+                          run_worker)
 
 BENCH = Path(__file__).resolve().parent
 JOBS = ("miniclip", "open_clip")
@@ -52,10 +53,6 @@ SIZES = {"tiny": (REPO / "model_configs" / "tiny-vit.json", 5), "vit224": (BENCH
 RECALLS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall")
 OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
                   "from open_clip_train.main import main; sys.exit(main(sys.argv[2:]))")
-
-
-def default_data() -> Path:
-    return Path(os.environ.get("MINICLIP_DATA", REPO.parent / "shared" / "data"))
 
 
 def train_records(args) -> list:
@@ -202,7 +199,7 @@ def add_args(p) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping: max total L2 norm")
     p.add_argument("--workers", type=int, default=1, help="dataloader workers (both)")
     p.add_argument("--threads", type=int, default=1, help="compute threads (OMP_NUM_THREADS, both)")
-    p.add_argument("--data", default=str(default_data()), help="folder holding flickr8k/en_{train,test}.json")
+    p.add_argument("--data", default=str(data_root()), help="folder holding flickr8k/en_{train,test}.json")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep each run's folder (logs, CSV, checkpoints)")
     p.add_argument("--plot", default=None, help="write recall vs wall time (one point per run) to this PNG")

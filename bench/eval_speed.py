@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import data_root  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("MINICLIP_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--data", default=str(data_root()))
     parser.add_argument("--model_config", default="tiny-vit")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
