@@ -4,13 +4,17 @@ Same config, batch, threads, precision and captions for all; each measurement ru
 memory is its own) and implementations are interleaved within each repetition. One step = forward + loss +
 backward + AdamW step + zero_grad, each project's way:
   miniclip      MiniClip(**collated batch) + miniclip.loss.ClipLoss, text trimmed to the longest caption
-                (data.trim_tokens, what ClipCollator does), fused AdamW (the HF Trainer's default optimizer);
+                (data.trim_tokens, what ClipCollator does), fused AdamW (the HF Trainer's default optimizer),
+                glibc told to keep freed memory (throughput.keep_freed_memory, which ClipTrainer sets);
   open_clip     open_clip.model.CLIP + open_clip.loss.ClipLoss, text padded to 77 by open_clip's tokenizer,
                 torch.optim.AdamW with its defaults (what open_clip's training script builds);
   transformers  CLIPModel(return_loss=True), text padded to the longest caption, torch.optim.AdamW defaults.
 Ablations (--ablations) switch one miniclip lever back: +mha (open_clip's nn.MultiheadAttention blocks), +pad77
-(no trimming), +plainadam (torch.optim.AdamW defaults); +trainer runs the same step through the real
-ClipTrainer.train (its overhead); +compile adds torch.compile (warm-up column = compile time).
+(no trimming), +plainadam (torch.optim.AdamW defaults), +glibc (glibc's default allocator settings); +trainer runs
+the same step through the real ClipTrainer.train (its overhead), +trainer+glibc with --keep_freed_memory false;
++compile adds torch.compile (warm-up column = compile time). glibc's defaults adapt to what a process freed
+before, so the bare-step +glibc pair varies with the run (the FLOP-counting pass of the first repetition primes
+glibc); the +trainer pair is the path train.py takes.
 
     python bench/train_speed.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 16 --steps 5 --reps 3
     python bench/train_speed.py --device cuda --config OpenAI-ViT-B-16 --batch 256 --precisions bf16   # GPU
@@ -30,7 +34,8 @@ from bench.common import (bench_main, captions, fmt, interleave, markdown_table,
                           run_worker, spread, try_worker)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
-ABLATIONS = ("miniclip+trainer", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
+ABLATIONS = ("miniclip+trainer", "miniclip+trainer+glibc", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam",
+             "miniclip+glibc")
 def datasheet_peak(device_name: str) -> tuple[float, str] | None:
     """(dense bf16 TFLOP/s, part) from miniclip's own datasheet table (training/throughput.py, the one the training
     logs use), or None when the GPU is not listed. MFU is reported against both this figure and the peak this script
@@ -70,6 +75,9 @@ def build(impl: str, config, batch: int, device):
         from miniclip.attention import use_fast_attention
         from miniclip.loss import ClipLoss
         from miniclip.model import MiniClip
+        from miniclip.training.throughput import keep_freed_memory
+        if "glibc" not in opts:
+            keep_freed_memory()
         model, clip_loss = MiniClip(config), ClipLoss()
         if "mha" in opts:
             use_fast_attention(model, enable=False)
@@ -112,7 +120,7 @@ def count_flops(model, loss_fn, device, precision: str) -> float:
     return counter.get_total_flops()
 
 
-def trainer_worker(config, precision: str, args) -> dict:
+def trainer_worker(config, precision: str, args, opts: tuple[str, ...] = ()) -> dict:
     """The same miniclip step through the real `ClipTrainer.train` (fixed collated batch, so data loading is left
     to data_speed.py and bench/gpu_busy.py): shows what the Trainer's loop, callbacks and checks add per step. On a
     GPU the batch lives there already (no pinning, no copy): the loop alone."""
@@ -146,7 +154,8 @@ def trainer_worker(config, precision: str, args) -> dict:
             output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
             learning_rate=1e-5, weight_decay=0.1, bf16=precision == "bf16", use_cpu=not on_gpu,
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=not on_gpu)
+            remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=not on_gpu,
+            keep_freed_memory="glibc" not in opts)
         trainer = ClipTrainer(MiniClip(config), targs, train_dataset=list(range(args.batch * (args.warmup + args.steps))),
                               data_collator=lambda _: dict(inputs), callbacks=[Clock()])
         start = time.perf_counter()
@@ -182,8 +191,8 @@ def worker(impl: str, precision: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = load_model_config(args.config)
-    if impl == "miniclip+trainer":
-        return trainer_worker(config, precision, args)
+    if impl.startswith("miniclip+trainer"):
+        return trainer_worker(config, precision, args, tuple(impl.split("+")[2:]))
     step, flops = make_step(impl, precision, config, args.batch, device, count=args.count_flops)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()

@@ -38,7 +38,7 @@ __all__ = ["ClipTrainer", "ClipTrainingArguments", "NonFiniteLossError", "decay_
 from miniclip.training.callbacks import CurvesCallback, LogitScaleClampCallback, NonFiniteLossCallback
 from miniclip.training.layer_decay import describe_groups, layer_decay_groups
 from miniclip.training.locking import Locks, TwoStageCallback, apply_locks, frozen_batchnorms
-from miniclip.training.throughput import ThroughputMeter, TrainingFlops, peak_flops
+from miniclip.training.throughput import ThroughputMeter, TrainingFlops, keep_freed_memory, peak_flops
 from miniclip.transforms import image_transform
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ class ClipTrainer(Trainer):
         if locks.unlock_image_step is not None and args is not None and args.ddp_find_unused_parameters is False:
             raise ValueError("unlock_image_step needs ddp_find_unused_parameters (the locked image tower gets "
                              "no gradient in stage 1); leave it unset (MiniClip defaults to True) or set True")
+        if getattr(args, "keep_freed_memory", True):
+            keep_freed_memory()  # a process-wide allocator setting: no page faults for each step's tensors
         staged = apply_locks(model, locks)
         if staged:
             callbacks.append(TwoStageCallback(staged, locks.unlock_image_step, frozen_batchnorms(model.image_encoder)))
