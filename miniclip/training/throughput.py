@@ -152,7 +152,8 @@ def keep_freed_memory() -> bool:
     top, so each step's gradients and activations arrive as new pages the kernel must fault in and zero: 40k-55k
     page faults and about 0.1 s of system time per TinyCLIP-ViT-40M bf16 step at batch 16 on 2 CPU threads. With
     no mmap and no trimming (mallopt(3): M_MMAP_MAX 0, M_TRIM_THRESHOLD -1) they come from the kept heap: under
-    2k faults, 1.16x the step rate, 1% more peak memory (ablation `miniclip+glibc` in bench/train_speed.py).
+    2k faults, 1.21x the steps of ClipTrainer.train, the same peak memory (bench/train_speed.py, ablation
+    `miniclip+trainer+glibc`).
     A process-wide setting for a process that trains; returns False where the C library is not glibc (no-op)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
