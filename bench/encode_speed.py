@@ -2,13 +2,15 @@
 
 The model part of evaluation, on ready tensors (decoding is data_speed.py's job), each project's way:
   miniclip      eval mode, torch.inference_mode, autocast at the precision, captions trimmed to the batch's
-                longest (what evaluation.encode_images / encode_texts do);
+                longest (what evaluation.encode_images / encode_texts do), glibc told to keep freed memory (what
+                test.py sets: training.throughput.keep_freed_memory);
   open_clip     eval mode, torch.no_grad + autocast (open_clip's zero-shot / retrieval evaluation), text at 77;
   transformers  CLIPModel.get_image_features / get_text_features under no_grad, padding to the longest caption;
   onnxruntime   the same random-init model exported by miniclip.serving.onnx (once, before timing), run by
                 onnxruntime's CPU provider with the same thread count, captions trimmed as miniclip's
                 (fp32 precision only; onnxruntime-fp16 / onnxruntime-int8 are the exported variants).
-Ablation (--ablations): miniclip+bf16w, the model's weights cast to bf16 (no per-call weight casts) for bf16.
+Ablations (--ablations): miniclip+bf16w, the model's weights cast to bf16 (no per-call weight casts) for bf16;
+miniclip+glibc, glibc's default allocator settings.
 Batches: 64 images, 256 captions (evaluation.py's defaults). The full wall time of evaluation on Flickr8k
 (decoding, metrics, plots) is bench/eval_speed.py.
 
@@ -29,7 +31,7 @@ from bench.common import (bench_main, captions, fmt, interleave, markdown_table,
 
 IMPLS = ("miniclip", "open_clip", "transformers", "onnxruntime", "onnxruntime-fp16", "onnxruntime-int8")
 ONNX_IMPLS = {"onnxruntime": "fp32", "onnxruntime-fp16": "fp16", "onnxruntime-int8": "int8"}  # impl -> variant
-ABLATIONS = ("miniclip+bf16w",)
+ABLATIONS = ("miniclip+bf16w", "miniclip+glibc")
 
 
 def build(impl: str, config, device):
@@ -41,6 +43,9 @@ def build(impl: str, config, device):
     base, *opts = impl.split("+")
     if base == "miniclip":
         from miniclip.model import MiniClip
+        from miniclip.training.throughput import keep_freed_memory
+        if "glibc" not in opts:
+            keep_freed_memory()
         model = MiniClip(config)
         if "bf16w" in opts:
             model = model.to(torch.bfloat16)

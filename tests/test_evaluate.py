@@ -216,3 +216,37 @@ def test_onnxruntime_engine_gives_the_torch_engines_numbers(tmp_path, caption_se
     assert other["retrieval"] == pytest.approx(run(tmp_path / "torch", *args, "--seed", 1)["retrieval"], abs=1e-6)
     with pytest.raises(ValueError, match="--engine onnxruntime runs fp32 on the CPU"):
         run(tmp_path, *args, "--engine", "onnxruntime", "--bf16", "true")
+
+
+MAPPED_SCRIPT = """
+import ctypes, sys, torch
+from miniclip.apps import evaluate
+evaluate.main(sys.argv[1:])
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().hblkhd  # bytes glibc holds in mmap()ed blocks
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB: glibc's default maps it afresh, above its 32 MiB mmap ceiling
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt / mallinfo2")
+def test_keep_freed_memory_is_set_by_test_py_unless_turned_off(tmp_path):
+    """test.py keeps freed memory in the heap, as train.py does: after its run a 64 MiB tensor comes from the heap
+    (no new mmap'ed bytes), and with --keep_freed_memory false from a fresh mapping, glibc's default."""
+    import subprocess
+    import sys
+    script = tmp_path / "mapped.py"
+    script.write_text(MAPPED_SCRIPT)
+    image = save_random_image(tmp_path / "x.png", 0)
+    mapped = {}
+    for flag in ("true", "false"):
+        run = subprocess.run([sys.executable, str(script), "--model_config", "tiny-vit", "--image", str(image),
+                              "--texts", "a dog", "a cat", "--output_dir", str(tmp_path / flag),
+                              "--keep_freed_memory", flag], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        mapped[flag] = int(run.stdout.split()[-1])
+    assert mapped["true"] == 0 and mapped["false"] >= 64 * 2**20, mapped
