@@ -244,9 +244,9 @@ def test_keep_freed_memory_is_set_by_test_py_unless_turned_off(tmp_path):
     image = save_random_image(tmp_path / "x.png", 0)
     mapped = {}
     for flag in ("true", "false"):
-        run = subprocess.run([sys.executable, str(script), "--model_config", "tiny-vit", "--image", str(image),
-                              "--texts", "a dog", "a cat", "--output_dir", str(tmp_path / flag),
-                              "--keep_freed_memory", flag], capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        mapped[flag] = int(run.stdout.split()[-1])
+        proc = subprocess.run([sys.executable, str(script), "--model_config", "tiny-vit", "--image", str(image),
+                               "--texts", "a dog", "a cat", "--output_dir", str(tmp_path / flag),
+                               "--keep_freed_memory", flag], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        mapped[flag] = int(proc.stdout.split()[-1])
     assert mapped["true"] == 0 and mapped["false"] >= 64 * 2**20, mapped
