@@ -10,11 +10,10 @@ backward + AdamW step + zero_grad, each project's way:
                 torch.optim.AdamW with its defaults (what open_clip's training script builds);
   transformers  CLIPModel(return_loss=True), text padded to the longest caption, torch.optim.AdamW defaults.
 Ablations (--ablations) switch one miniclip lever back: +mha (open_clip's nn.MultiheadAttention blocks), +pad77
-(no trimming), +plainadam (torch.optim.AdamW defaults), +glibc (glibc's default allocator settings); +trainer runs
-the same step through the real ClipTrainer.train (its overhead), +trainer+glibc with --keep_freed_memory false;
-+compile adds torch.compile (warm-up column = compile time). glibc's defaults adapt to what a process freed
-before, so the bare-step +glibc pair varies with the run (the FLOP-counting pass of the first repetition primes
-glibc); the +trainer pair is the path train.py takes.
+(no trimming), +plainadam (torch.optim.AdamW defaults); +trainer runs the same step through the real
+ClipTrainer.train (its overhead), +trainer+glibc with --keep_freed_memory false (glibc's default allocator: measured
+through the Trainer because a bare step's first repetition counts FLOPs, which primes glibc's adaptive thresholds);
++compile adds torch.compile (warm-up column = compile time).
 
     python bench/train_speed.py --config TinyCLIP-ViT-40M-32-Text-19M --batch 16 --steps 5 --reps 3
     python bench/train_speed.py --device cuda --config OpenAI-ViT-B-16 --batch 256 --precisions bf16   # GPU
@@ -34,8 +33,7 @@ from bench.common import (bench_main, captions, fmt, interleave, markdown_table,
                           run_worker, spread, try_worker)
 
 IMPLS = ("miniclip", "open_clip", "transformers")
-ABLATIONS = ("miniclip+trainer", "miniclip+trainer+glibc", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam",
-             "miniclip+glibc")
+ABLATIONS = ("miniclip+trainer", "miniclip+trainer+glibc", "miniclip+mha", "miniclip+pad77", "miniclip+plainadam")
 def datasheet_peak(device_name: str) -> tuple[float, str] | None:
     """(dense bf16 TFLOP/s, part) from miniclip's own datasheet table (training/throughput.py, the one the training
     logs use), or None when the GPU is not listed. MFU is reported against both this figure and the peak this script
@@ -76,8 +74,7 @@ def build(impl: str, config, batch: int, device):
         from miniclip.loss import ClipLoss
         from miniclip.model import MiniClip
         from miniclip.training.throughput import keep_freed_memory
-        if "glibc" not in opts:
-            keep_freed_memory()
+        keep_freed_memory()  # as ClipTrainer does
         model, clip_loss = MiniClip(config), ClipLoss()
         if "mha" in opts:
             use_fast_attention(model, enable=False)
